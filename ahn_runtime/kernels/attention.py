@@ -1,0 +1,204 @@
+"""Softmax attention over sinks + a sliding window, without dense masks where the structure allows.
+
+Shapes (one sequence, no batch dimension):
+    q: [T, H, D]      queries at absolute positions qpos[0..T)
+    k, v: [N, Hkv, D] keys at absolute positions kpos[0..N)
+Key p is visible to query t iff  p <= t  and  (p < sinks  or  p > t - window).
+
+`attention_ref` is the plain PyTorch reference (dense boolean mask, float32 softmax).
+The fast path splits the keys into blocks that are fully visible, causal, or need a (small) mask, runs one
+fused call per block that returns the log-sum-exp, and merges the blocks exactly (flash-decoding style merge).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def visible(qpos: torch.Tensor, kpos: torch.Tensor, window: float, sinks: int) -> torch.Tensor:
+    """[T, N] bool visibility mask from absolute positions."""
+    t = qpos[:, None]
+    p = kpos[None, :]
+    return (p <= t) & ((p < sinks) | (p > t - window))
+
+
+def attention_ref(q, k, v, qpos, kpos, window: float, sinks: int, scale: float) -> torch.Tensor:
+    """Reference: repeat K/V to H heads, dense mask, float32 softmax. Returns [T, H, D] in q's dtype."""
+    H, Hkv = q.shape[1], k.shape[1]
+    kr = k.repeat_interleave(H // Hkv, dim=1).float()
+    vr = v.repeat_interleave(H // Hkv, dim=1).float()
+    s = torch.einsum("thd,nhd->htn", q.float(), kr) * scale
+    s = s.masked_fill(~visible(qpos, kpos, window, sinks)[None], NEG_INF)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("htn,nhd->thd", p, vr).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks returning (out [H, T, D] float32, lse [H, T] float32)
+
+def _sdpa_lse_math(q, k, v, scale, mask=None, causal=False):
+    """q [H, T, D], k/v [H, N, D] (same head count). Float32 math; lse = -inf for rows with no key."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        T, N = s.shape[-2:]
+        mask = torch.ones(T, N, dtype=torch.bool, device=s.device).tril(N - T)
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.matmul(p, v.float()), lse
+
+
+def _sdpa_lse(q, k, v, scale, mask=None, causal=False):
+    """Fused attention with log-sum-exp. q [H, T, D], k/v [H, N, D]; mask [T, N] bool or None."""
+    dev = q.device.type
+    if dev == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and mask is None and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
+        return out[0].float(), lse[0].float()
+    if dev == "cpu":
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, NEG_INF)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, causal, attn_mask=bias, scale=scale)
+        out, lse = out[0].float(), lse[0].float()
+        if mask is not None:
+            lse = lse.masked_fill(~mask.any(-1)[None], NEG_INF)
+        return out, lse
+    # other devices / masked CUDA calls: float32 math in query blocks to bound the score matrix
+    T = q.shape[1]
+    step = max(1, (1 << 26) // max(1, q.shape[0] * k.shape[1]))
+    if T <= step:
+        return _sdpa_lse_math(q, k, v, scale, mask, causal)
+    if causal:
+        N = k.shape[1]
+        mask = torch.ones(T, N, dtype=torch.bool, device=q.device).tril(N - T)
+    outs, lses = [], []
+    for i in range(0, T, step):
+        o, l = _sdpa_lse_math(q[:, i:i + step], k, v, scale, None if mask is None else mask[i:i + step])
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def merge(parts):
+    """Merge [(out [H, T, D], lse [H, T])] computed over disjoint key sets into one softmax result."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([p[1] for p in parts])  # [P, H, T]
+    m = lse.max(0).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)  # 0 where a part had no keys
+    tot = w.sum(0)
+    out = sum(p[0] * w[i][..., None] for i, p in enumerate(parts))
+    return out / tot[..., None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key blocks with contiguous absolute positions
+
+@dataclass
+class KeyBlock:
+    """Keys/values whose positions are start, start+1, ..., start+len-1. k, v: [len, Hkv, D]."""
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.k.shape[0]
+
+
+def _ranges(a: int, b: int, window: float, sinks: int, p0: int, p1: int):
+    """For queries [a, b) and keys [p0, p1): (full, partial) lists of position ranges.
+    full: visible to every query; partial: visible to some. Everything else is invisible."""
+    full, vis = [], []
+    # sinks: visible iff p <= t
+    full.append((p0, min(p1, sinks, a + 1)))
+    vis.append((p0, min(p1, sinks, b)))
+    # non-sinks: visible iff t - window < p <= t
+    lo = max(p0, sinks)
+    f_lo = lo if window == math.inf else max(lo, b - int(window))
+    full.append((f_lo, min(p1, a + 1)))
+    v_lo = lo if window == math.inf else max(lo, a - int(window) + 1)
+    vis.append((v_lo, min(p1, b)))
+    full = [(x, y) for x, y in full if y > x]
+    vis = [(x, y) for x, y in vis if y > x]
+    partial = []
+    for x, y in vis:
+        cur = x
+        for fx, fy in sorted(full):
+            if fy <= cur or fx >= y:
+                continue
+            if fx > cur:
+                partial.append((cur, fx))
+            cur = max(cur, fy)
+        if cur < y:
+            partial.append((cur, y))
+    return full, partial
+
+
+def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], window: float, sinks: int,
+                     scale: float) -> torch.Tensor:
+    """Queries at positions qstart..qstart+T-1 over key blocks. Returns [T, H, D] in q's dtype.
+
+    Fully visible key ranges go through an unmasked fused kernel with the G query heads of a KV head
+    flattened into the query axis (no repeated K/V); the chunk's own keys use a causal kernel when the
+    window is at least as long as the chunk; the few remaining keys (those leaving the window during the
+    chunk) go through one small masked call. Results are merged by log-sum-exp."""
+    T, H, D = q.shape
+    Hkv = blocks[0].k.shape[1]
+    G = H // Hkv
+    a, b = qstart, qstart + T
+    qh = q.transpose(0, 1)  # [H, T, D]
+    qg = qh.reshape(Hkv, G * T, D)  # heads h = kv*G + g
+    parts = []
+    masked_k, masked_v, masked_pos = [], [], []
+    for blk in blocks:
+        if blk.k.shape[0] == 0:
+            continue
+        # the chunk itself: causal when every in-chunk key within reach is inside the window
+        if blk.start == a and blk.end == b and T <= window:
+            kh = blk.k.transpose(0, 1).repeat_interleave(G, 0)
+            vh = blk.v.transpose(0, 1).repeat_interleave(G, 0)
+            parts.append(_sdpa_lse(qh, kh, vh, scale, causal=True))
+            continue
+        full, partial = _ranges(a, b, window, sinks, blk.start, blk.end)
+        for x, y in full:
+            kk = blk.k[x - blk.start:y - blk.start].transpose(0, 1)
+            vv = blk.v[x - blk.start:y - blk.start].transpose(0, 1)
+            o, l = _sdpa_lse(qg, kk, vv, scale)
+            parts.append((o.reshape(H, T, D), l.reshape(H, T)))
+        for x, y in partial:
+            masked_k.append(blk.k[x - blk.start:y - blk.start])
+            masked_v.append(blk.v[x - blk.start:y - blk.start])
+            masked_pos.append(torch.arange(x, y, device=q.device))
+    if masked_k:
+        kk = torch.cat(masked_k).transpose(0, 1).repeat_interleave(G, 0)
+        vv = torch.cat(masked_v).transpose(0, 1).repeat_interleave(G, 0)
+        qpos = torch.arange(a, b, device=q.device)
+        mask = visible(qpos, torch.cat(masked_pos), window, sinks)
+        parts.append(_sdpa_lse(qh, kk, vv, scale, mask=mask))
+    return merge(parts).transpose(0, 1).to(q.dtype)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+    """One query over keys that are all visible (or only those with keep=True).
+    q [1, H, D]; k, v [Hkv, N, D] (a slice of the cache, any slot order); keep [N] bool. Returns [1, H, D]."""
+    H, D = q.shape[1], q.shape[2]
+    Hkv = k.shape[0]
+    qg = q[0].reshape(Hkv, H // Hkv, D)  # the G query heads of a KV head act as G queries: no K/V repeat
+    if keep is None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # pinned: cuDNN re-plans for every key length
+            o = torch.nn.functional.scaled_dot_product_attention(qg[None], k[None], v[None], scale=scale)[0]
+        return o.reshape(1, H, D)
+    mask = None if keep is None else keep[None, :].expand(H // Hkv, -1)
+    o, _ = _sdpa_lse(qg, k, v, scale, mask=mask)
+    return o.reshape(1, H, D).to(q.dtype)

@@ -1,0 +1,64 @@
+"""Pieces shared by the AHN memory modules: GroupLinear and the module interface.
+
+A memory module owns the parameters stored under `model.layers.{l}.ahn.fn.*` (official names, see spec §3) and
+does two things for its layer:
+    gates(xn)                -> per-token write gates, computed once from the written token's pre-normed hidden
+                                state xn [T, h] and cached with its KV entry ({name: [T, H]}, model dtype)
+    forward(q, k, v, gates, xq, state) -> (m [n, H*D], state)
+                                writes n tokens (k, v: [n, H, D] post-RoPE, GQA-expanded; gates {name: [n, H]})
+                                and reads with the paired queries (q [n, H, D] post-RoPE; xq [n, h] their
+                                pre-normed hidden states); state [H, D, D] float32 or None.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GroupLinear(nn.Module):
+    """Block-diagonal linear map: chunk i of the last dimension is multiplied on the right by weight[i].
+    weight: [groups, in/groups, out/groups]; x [..., in] -> [..., out]. No bias."""
+
+    def __init__(self, groups: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(groups, d_in, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        G = self.weight.shape[0]
+        xs = x.reshape(*x.shape[:-1], G, -1)
+        y = torch.einsum("...gi,gio->...go", xs, self.weight)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class RMSGain(nn.Module):
+    """Holds an RMSNorm gain (`.weight`) applied by the module's own fused norm/gate code."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class MemoryModule(nn.Module):
+    variant: str = ""
+    gate_names: tuple[str, ...] = ()
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+
+    @staticmethod
+    def param_count(hidden_size: int, num_heads: int, head_dim: int) -> int:
+        raise NotImplementedError
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Training-start initialisation of the official code (spec §3); o_proj is zero, so a fresh memory adds 0."""
+        raise NotImplementedError

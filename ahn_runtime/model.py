@@ -1,0 +1,260 @@
+"""Our forward pass over a Hugging Face decoder (Qwen2, Qwen3, Llama families) with an optional AHN memory.
+
+The transformers model only provides the weights and its small modules (embeddings, RMSNorms, projections,
+MLP, rotary embedding, lm_head); attention, caches and memory are ours. One sequence at a time.
+
+    forward(state, ids [T], logits=...)  any chunk of new tokens (prefill; keys sorted, no dense mask)
+    step(state, token)                   one token (decode; ring buffer, fixed shapes once the window is full)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kernels.attention import KeyBlock, decode_attention, window_attention
+from .state import MODES, SequenceState, StateSpec
+
+FAMILIES = ("qwen2", "qwen3", "llama")
+
+
+@dataclass
+class RuntimeConfig:
+    """Inference settings chosen at load time (spec §5.3 defaults)."""
+    window: int = 32640  # W: most recent tokens attended, not counting sinks
+    sinks: int = 128  # S: leading tokens always attended
+    decode_exclusion: str = "consistent"  # or "official128" (spec §4.4)
+    chunk_size: int = 2048
+
+    def validate(self):
+        from .errors import AHNError
+        if not isinstance(self.window, int) or self.window < 1:
+            raise AHNError(f"window must be an integer >= 1 (got {self.window!r})")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise AHNError(f"sinks must be an integer >= 0 (got {self.sinks!r})")
+        if self.decode_exclusion not in ("consistent", "official128"):
+            raise AHNError(f"decode_exclusion must be 'consistent' or 'official128' (got {self.decode_exclusion!r})")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise AHNError(f"chunk size must be an integer >= 1 (got {self.chunk_size!r})")
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class AHNModel:
+    def __init__(self, hf_model: nn.Module, memories: nn.ModuleList | None, config: RuntimeConfig,
+                 model_id: str = "", tokenizer=None, ahn_info: dict | None = None):
+        config.validate()
+        self.hf = hf_model
+        self.memories = memories
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.ahn_info = ahn_info or {}
+        c = hf_model.config
+        self.family = c.model_type
+        self.n_layers = c.num_hidden_layers
+        self.n_heads = c.num_attention_heads
+        self.n_kv_heads = getattr(c, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.n_heads
+        self.scale = self.head_dim ** -0.5
+        self.vocab_size = c.vocab_size
+        inner = hf_model.model
+        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
+        self.lm_head = hf_model.lm_head
+        p = next(hf_model.parameters())
+        self.device = p.device
+        self.dtype = self.embed.weight.dtype
+
+    @property
+    def variant(self) -> str | None:
+        return None if self.memories is None else self.memories[0].variant
+
+    # ---- states -------------------------------------------------------------------------------------------
+    def state_spec(self, mode: str) -> StateSpec:
+        from .errors import AHNError
+        if mode not in MODES:
+            raise AHNError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "ahn" and self.memories is None:
+            raise AHNError("this model has no AHN weights: use mode 'window' or 'full', or load an AHN checkpoint")
+        full = mode == "full"
+        return StateSpec(mode=mode, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                         head_dim=self.head_dim, window=None if full else self.config.window,
+                         sinks=0 if full else self.config.sinks,
+                         gate_names=self.memories[0].gate_names if mode == "ahn" else (),
+                         dtype=str(self.dtype).replace("torch.", ""), model_id=self.model_id)
+
+    def new_state(self, mode: str = "ahn") -> SequenceState:
+        return SequenceState(self.state_spec(mode), self.device)
+
+    # ---- per-layer pieces ---------------------------------------------------------------------------------
+    def _qkv(self, layer, xn, cos, sin):
+        T = xn.shape[0]
+        at = layer.self_attn
+        q = at.q_proj(xn).view(T, self.n_heads, self.head_dim)
+        k = at.k_proj(xn).view(T, self.n_kv_heads, self.head_dim)
+        v = at.v_proj(xn).view(T, self.n_kv_heads, self.head_dim)
+        if getattr(at, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = at.q_norm(q), at.k_norm(k)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def _rope(self, x, start: int, n: int):
+        pos = torch.arange(start, start + n, device=x.device)[None]
+        cos, sin = self.rotary(x, pos)
+        return cos[0], sin[0]
+
+    def _finish_layer(self, layer, x, o):
+        T = x.shape[0]
+        x = x + layer.self_attn.o_proj(o.reshape(T, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, x, which):
+        if which == "none":
+            return None
+        if which == "last":
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def _memory(self, l, state, q, kw, vw, gw, xq):
+        """Write kw/vw (un-expanded KV heads) with gates gw, read with q; returns m [n, H, D]."""
+        G = self.n_heads // self.n_kv_heads
+        kw, vw = kw.repeat_interleave(G, dim=1), vw.repeat_interleave(G, dim=1)
+        m, state.memory[l] = self.memories[l](q, kw, vw, gw, xq, state.memory[l])
+        return m.view(-1, self.n_heads, self.head_dim)
+
+    # ---- prefill chunk ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, state: SequenceState, ids: torch.Tensor, logits: str = "last"):
+        """Process ids [T] at positions state.pos.. ; returns logits [1 or T, V] float32 (or None)."""
+        T = int(ids.shape[0])
+        if T == 0:
+            return None
+        state.linearize()
+        state.reserve(T)
+        S, W = state.spec.sinks, state.window
+        a, b = state.pos, state.pos + T
+        n_sink, win_len, w0 = state.n_sink, state.win_len, state.w0
+        new_win = int(min(W, max(0, b - S)))
+        new_w0 = b - new_win
+        mem = state.spec.has_memory
+        j0, j1 = max(S, a - W), b - W  # tokens written into memory in this chunk (t = j + W reads)
+        j0, j1 = (int(j0), int(j1)) if mem and j1 > j0 else (0, 0)
+        x = self.embed(ids.to(self.device))
+        cos, sin = self._rope(x, a, T)
+        for l, layer in enumerate(self.layers):
+            xn = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer, xn, cos, sin)
+            K, V = state.k[l], state.v[l]  # [Hkv, cap, D]
+            blocks = [KeyBlock(K[:, :n_sink].transpose(0, 1), V[:, :n_sink].transpose(0, 1), 0),
+                      KeyBlock(K[:, S:S + win_len].transpose(0, 1), V[:, S:S + win_len].transpose(0, 1), w0),
+                      KeyBlock(k, v, a)]
+            o = window_attention(q, a, blocks, W, S, self.scale)
+            gates = self.memories[l].gates(xn) if mem else {}
+            if j1 > j0:
+                mid = min(j1, max(a, j0))  # [j0, mid) come from the window buffer, [mid, j1) from this chunk
+                old = slice(S + j0 - w0, S + mid - w0)
+                new = slice(mid - a, j1 - a)
+                kw = torch.cat([K[:, old].transpose(0, 1), k[new]])
+                vw = torch.cat([V[:, old].transpose(0, 1), v[new]])
+                gw = {g: torch.cat([state.gates[g][l, old], gates[g][new]]) for g in gates}
+                rows = slice(j0 + int(W) - a, j1 + int(W) - a)
+                o[rows] += self._memory(l, state, q[rows], kw, vw, gw, xn[rows])
+            x = self._finish_layer(layer, x, o)
+            self._store_chunk(state, l, k, v, gates, a, b, w0, win_len, new_w0)
+        state.pos = b
+        return self._logits(x, logits)
+
+    def _store_chunk(self, state, l, k, v, gates, a, b, w0, win_len, new_w0):
+        S = state.spec.sinks
+        K, V = state.k[l], state.v[l]
+        bufs = [(K, k.transpose(0, 1), 1), (V, v.transpose(0, 1), 1)]
+        bufs += [(state.gates[g][l], gates[g], 0) for g in gates]
+        for buf, new, dim in bufs:
+            def sl(lo, hi):
+                return (slice(None), slice(lo, hi)) if dim == 1 else (slice(lo, hi),)
+            if a < S:  # sink tokens in this chunk
+                e = min(b, S)
+                buf[sl(a, e)] = new[sl(0, e - a)]
+            keep_lo = max(w0, new_w0)
+            d = new_w0 - w0
+            if d > 0 and a > keep_lo and win_len:  # shift surviving window tokens to the front
+                cnt = a - keep_lo
+                buf[sl(S, S + cnt)] = buf[sl(S + d, S + d + cnt)].clone()
+            lo = max(a, S, new_w0)
+            if b > lo:
+                buf[sl(S + lo - new_w0, S + b - new_w0)] = new[sl(lo - a, b - a)]
+
+    # ---- decode step --------------------------------------------------------------------------------------
+    def _official_drop(self, state, t):
+        """Position that the official decode removes from attention: index 128 of [sinks, t-W..t] (spec §4.4)."""
+        S, W = state.spec.sinks, state.window
+        official = list(range(min(S, t + 1))) + (list(range(int(max(S, t - W)), t + 1)) if t >= S else [])
+        return official[128] if len(official) > 128 else None
+
+    @torch.inference_mode()
+    def step(self, state: SequenceState, token: int | torch.Tensor, logits: str = "last"):
+        """Decode one token at position state.pos. Returns logits [1, V] float32."""
+        S, W = state.spec.sinks, state.window
+        t = state.pos
+        official = self.config.decode_exclusion == "official128" and state.spec.window is not None
+        state.reserve(1)
+        if t < S:
+            slot, evict = t, None
+        elif state.win_len < W:
+            slot, evict = S + state.win_len, None
+        else:
+            slot, evict = S + state.rot, t - int(W)
+        mem = state.spec.has_memory and evict is not None
+        n_after = state.n_slots + (0 if evict is not None else 1)
+        if official:
+            pos_before = state.positions().to(self.device)
+            drop = self._official_drop(state, t)
+            keep = torch.cat([pos_before, torch.tensor([t], device=self.device)]) != (-1 if drop is None else drop)
+        ids = torch.as_tensor([int(token)], device=self.device)
+        x = self.embed(ids)
+        cos, sin = self._rope(x, t, 1)
+        for l, layer in enumerate(self.layers):
+            xn = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer, xn, cos, sin)
+            K, V = state.k[l], state.v[l]
+            gates = self.memories[l].gates(xn) if state.spec.has_memory else {}
+            if mem:
+                kw, vw = K[:, slot].clone()[None], V[:, slot].clone()[None]
+                gw = {g: state.gates[g][l, slot].clone()[None] for g in gates}
+            if official:
+                n = state.n_slots
+                o = decode_attention(q, torch.cat([K[:, :n], k.transpose(0, 1)], 1),
+                                     torch.cat([V[:, :n], v.transpose(0, 1)], 1), self.scale, keep)
+            K[:, slot], V[:, slot] = k[0], v[0]
+            for g in gates:
+                state.gates[g][l, slot] = gates[g][0]
+            if not official:
+                o = decode_attention(q, K[:, :n_after], V[:, :n_after], self.scale)
+            if mem:
+                o = o + self._memory(l, state, q, kw, vw, gw, xn)
+            x = self._finish_layer(layer, x, o)
+        if evict is not None:
+            state.rot = (state.rot + 1) % int(W)
+        state.pos = t + 1
+        return self._logits(x, logits)
+
+    # ---- convenience --------------------------------------------------------------------------------------
+    def prefill(self, state: SequenceState, ids: torch.Tensor, chunk_size: int | None = None, logits: str = "last",
+                progress=None):
+        """Chunked prefill. logits: 'last' -> [1, V]; 'all' -> [T, V]; progress(done, total) after each chunk."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        C = chunk_size or self.config.chunk_size
+        outs = []
+        T = ids.shape[0]
+        for s in range(0, T, C):
+            out = self.forward(state, ids[s:s + C], logits="all" if logits == "all" else
+                               ("last" if s + C >= T and logits == "last" else "none"))
+            if out is not None:
+                outs.append(out)
+            if progress is not None:
+                progress(min(T, s + C), T)
+        return torch.cat(outs) if outs else None
