@@ -69,6 +69,10 @@ class AHNModel:
         self.device = p.device
         self.dtype = self.embed.weight.dtype
 
+    def with_config(self, config: RuntimeConfig) -> "AHNModel":
+        """The same loaded weights under other inference settings (window, sinks, decode exclusion, chunk)."""
+        return AHNModel(self.hf, self.memories, config, self.model_id, self.tokenizer, self.ahn_info)
+
     @property
     def variant(self) -> str | None:
         return None if self.memories is None else self.memories[0].variant
@@ -248,6 +252,7 @@ class AHNModel:
         """Chunked prefill. logits: 'last' -> [1, V]; 'all' -> [T, V]; progress(done, total) after each chunk."""
         ids = torch.as_tensor(ids).reshape(-1)
         C = chunk_size or self.config.chunk_size
+        state.reserve(ids.shape[0], exact=True)  # one allocation for the whole prompt
         outs = []
         T = ids.shape[0]
         for s in range(0, T, C):

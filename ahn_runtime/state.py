@@ -128,7 +128,8 @@ class SequenceState:
         cap = self.capacity
         if need <= cap:
             return
-        new = need if exact else int(min(self.spec.max_slots, max(need, 2 * cap, 256)))
+        # exact for a known prompt; otherwise grow by 1/8 (bounded transient copy for long full-attention caches)
+        new = need if exact else int(min(self.spec.max_slots, max(need, cap + max(256, cap // 8))))
         old_k, old_v, old_g = self.k, self.v, self.gates
         self._alloc(new)
         self.k[:, :, :cap] = old_k

@@ -72,7 +72,7 @@ def _sdpa_lse(q, k, v, scale, mask=None, causal=False):
         return out, lse
     # other devices / masked CUDA calls: float32 math in query blocks to bound the score matrix
     T = q.shape[1]
-    step = max(1, (1 << 26) // max(1, q.shape[0] * k.shape[1]))
+    step = max(1, (1 << 24) // max(1, q.shape[0] * k.shape[1]))
     if T <= step:
         return _sdpa_lse_math(q, k, v, scale, mask, causal)
     if causal:
@@ -143,6 +143,19 @@ def _ranges(a: int, b: int, window: float, sinks: int, p0: int, p1: int):
     return full, partial
 
 
+def _edge(qh, k, v, G, scale):
+    """Keys leaving the window during the chunk: key j (of n, oldest first) is visible to query i iff
+    i < j + T - n. Reversing queries and keys turns this into an ordinary causal block (query i'' = T-2-i sees
+    reversed key j' <= i''), so a fused causal kernel handles it; the chunk's last query sees none of them."""
+    H, T, D = qh.shape
+    kh = k.transpose(0, 1).repeat_interleave(G, 0).flip(1)
+    vh = v.transpose(0, 1).repeat_interleave(G, 0).flip(1)
+    o, lse = _sdpa_lse(qh.flip(1)[:, 1:], kh, vh, scale, causal=True)
+    o = torch.cat([o.flip(1), o.new_zeros(H, 1, D)], 1)
+    lse = torch.cat([lse.flip(1), lse.new_full((H, 1), NEG_INF)], 1)
+    return o, lse
+
+
 def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], window: float, sinks: int,
                      scale: float) -> torch.Tensor:
     """Queries at positions qstart..qstart+T-1 over key blocks. Returns [T, H, D] in q's dtype.
@@ -175,6 +188,10 @@ def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], windo
             o, l = _sdpa_lse(qg, kk, vv, scale)
             parts.append((o.reshape(H, T, D), l.reshape(H, T)))
         for x, y in partial:
+            if T <= window and x >= sinks and y == b - window and blk.start <= x:
+                parts.append(_edge(qh, blk.k[x - blk.start:y - blk.start], blk.v[x - blk.start:y - blk.start], G,
+                                   scale))
+                continue
             masked_k.append(blk.k[x - blk.start:y - blk.start])
             masked_v.append(blk.v[x - blk.start:y - blk.start])
             masked_pos.append(torch.arange(x, y, device=q.device))
