@@ -305,6 +305,7 @@ class ChatService:
         if hit is not None:
             session.prepared[mode] = key
             session.prefix_tokens = hit[1]["tokens"]
+            self.monitor.sample(session, mode, hit[0])
             if session.documents:
                 emit(Status(f"Documents ready for {MODE_LABELS[mode]} (processed state loaded from cache).", side))
             return hit[0]
@@ -445,6 +446,7 @@ class ChatService:
                 torch.cuda.reset_peak_memory_stats(eng.model.device)
             state = base.clone()
             base = None
+            self.monitor.sample(session, mode, state)
             run.state, run.mode, run.phase = state, mode, "reading the question"
             emit(Status("Reading the question...", side))
             t0 = time.perf_counter()
