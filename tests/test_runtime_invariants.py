@@ -185,3 +185,11 @@ def test_window_attention_matches_reference(T, W, S, start):
     ref = A.attention_ref(q, torch.cat([old, k]), torch.cat([oldv, v]), torch.arange(start, start + T), kpos, W, S,
                           0.25)
     assert close(out, ref, 1e-5)
+
+
+def test_bfloat16_on_cpu_close_to_float32():
+    ref, _ = run_logits(gdn(window=32, sinks=8), random_ids(160, seed=12), decode_from=120)
+    got, _ = run_logits(gdn(window=32, sinks=8, dtype="bfloat16"), random_ids(160, seed=12), decode_from=120)
+    cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=-1)
+    assert got.dtype == torch.float32 and cos.min() > 0.99
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
