@@ -69,7 +69,7 @@ def launch(demo, settings: Settings, *, block: bool = True):
     demo.queue(default_concurrency_limit=1)
     return demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
-        inbrowser=settings.inbrowser, max_file_size=f"{settings.max_upload_mb}mb",
+        inbrowser=settings.inbrowser, max_file_size=int(settings.max_upload_mb * MB),
         prevent_thread_lock=not block, show_error=True, theme=theme(), css=views.CSS,
         footer_links=["api"], favicon_path=None, ssr_mode=False, mcp_server=False,
     )

@@ -350,14 +350,19 @@ def test_one_generation_at_a_time_and_separate_sessions(chat, docs):
     waits = [e.text for e in of(Status, results["a"] + results["b"]) if "Waiting for the model" in e.text]
     assert waits, "the second request should have waited for the first"
     assert len(a.messages) == 2 and len(b.messages) == 2 and not b.documents  # b has no documents
-    # a session cannot run two requests at once
-    events = chat.ask(a, "long", "ahn", max_new_tokens=2000)
-    first = next(iter(events))
+    # requests of one session run one after the other; Stop also cancels the waiting ones
+    first = chat.ask(a, "long", "ahn", max_new_tokens=2000)
+    next(iter(first))
+    second = chat.ask(a, "next", "ahn", max_new_tokens=2)
+    got = next(iter(second))
+    assert isinstance(got, Status) and "Waiting for this chat's current task (answering)" in got.text
     with pytest.raises(Busy):
-        chat.ask(a, "other", "ahn")
+        chat.clear_chat(a)
     a.stop()
-    drain(events)
-    del first
+    assert of(Finished, drain(first))[-1].result["stats"]["stopped"]
+    with pytest.raises(Cancelled):
+        drain(second)
+    assert not a.busy and not a.lock.locked()
 
 
 def test_out_of_memory_is_reported_and_contained(chat, docs):

@@ -155,25 +155,33 @@ class ChatService:
         return "ahn" if "ahn" in self.engine.modes() else "window"
 
     def _begin(self, session: Session, kind: str) -> Run:
-        if not session.lock.acquire(blocking=False):
-            what = session.run.kind if session.run is not None else "another request"
-            raise Busy(f"This chat is busy ({what}). Wait for it to finish or press Stop.")
         run = Run(kind)
-        session.run = run
+        session.runs.append(run)
         session.touched = time.time()
         return run
 
-    def _end(self, session: Session, run: Run) -> None:
-        if session.run is run:
-            session.run = None
-        session.lock.release()
-
     def _job(self, session: Session, run: Run, work) -> Iterator[Event]:
+        """Run work in a thread once this session's earlier requests are done (one at a time per session)."""
         def wrapped(emit):
             try:
-                work(emit)
+                told = False
+                while not session.lock.acquire(timeout=0.1):
+                    if run.stop.is_set():
+                        raise Cancelled("Stopped before it started.")
+                    if not told and session.run is not None:
+                        told = True
+                        emit(Status(f"Waiting for this chat's current task ({session.run.kind}) to finish…"))
+                try:
+                    session.run = run
+                    if run.stop.is_set():
+                        raise Cancelled("Stopped before it started.")
+                    work(emit)
+                finally:
+                    session.run = None
+                    session.lock.release()
             finally:
-                self._end(session, run)
+                if run in session.runs:
+                    session.runs.remove(run)
         return run_job(wrapped, run.stop)
 
     def documents_text(self, session: Session) -> str:
@@ -279,7 +287,7 @@ class ChatService:
         return self.add_files(session, files, password=password, mode=mode)
 
     def remove_documents(self, session: Session) -> dict:
-        if session.run is not None:
+        if session.busy:
             raise Busy("This chat is busy. Press Stop first.")
         session.documents.clear()
         session.doc_info.clear()
@@ -399,7 +407,7 @@ class ChatService:
         return self._job(session, run, work)
 
     def regenerate(self, session: Session, mode: str, **kw) -> Iterator[Event]:
-        if session.run is not None:
+        if session.busy:
             raise Busy("This chat is busy. Press Stop first.")
         while session.messages and session.messages[-1].role == "assistant":
             session.messages.pop()
@@ -409,7 +417,7 @@ class ChatService:
         return self.ask(session, question, mode, **kw)
 
     def clear_chat(self, session: Session) -> None:
-        if session.run is not None:
+        if session.busy:
             raise Busy("This chat is busy. Press Stop first.")
         session.messages.clear()
         session.compare = None

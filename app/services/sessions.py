@@ -74,7 +74,8 @@ class Session:
         self.prepared: dict[str, str] = {}  # mode -> state cache key of the processed document prefix
         self.prefix_tokens: int | None = None
         self.lock = threading.Lock()  # one request per session at a time
-        self.run: Run | None = None
+        self.run: Run | None = None  # the request running now
+        self.runs: list[Run] = []  # running and waiting requests of this session
         self.last_stats: dict | None = None
         self.last_state_view: tuple[str, object] | None = None  # (mode, state) shown when idle
         self.series: dict[str, list[tuple[int, int, int]]] = {}  # mode -> (tokens, state bytes, device used)
@@ -95,11 +96,15 @@ class Session:
 
     # ---- runs ---------------------------------------------------------------------------------------------
     def stop(self) -> bool:
-        run = self.run
-        if run is None:
-            return False
-        run.stop.set()
-        return True
+        """Stop the running request and any waiting ones. Returns whether there was any."""
+        runs = list(self.runs)
+        for run in runs:
+            run.stop.set()
+        return bool(runs)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.runs)
 
     # ---- memory samples -----------------------------------------------------------------------------------
     def add_sample(self, mode: str, tokens: int, state_bytes: int, device_used: int) -> None:
@@ -184,5 +189,5 @@ class SessionStore:
     def _evict_idle(self) -> None:
         now = time.time()
         for k, s in list(self._sessions.items()):
-            if now - s.touched > self.idle_seconds and s.run is None:
+            if now - s.touched > self.idle_seconds and not s.runs:
                 del self._sessions[k]
