@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
                    help="base/compute dtype (default: bfloat16 on cuda, float32 on cpu); AHN masters are float32")
     g.add_argument("--attention", default="auto", choices=["auto", "dense", "blocked", "flex"],
                    help="student attention: auto = flex on cuda, dense (<= 4096 tokens) or blocked on cpu")
+    g.add_argument("--memory-kernel", default="auto", choices=["auto", "module", "torch"],
+                   help="memory recurrence: module = the runtime's (fla on cuda), torch = chunk-parallel PyTorch; "
+                   "auto = module unless fla cannot differentiate it here (gated kernels on Hopper + Triton < 3.7.1)")
     g.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations instead of recomputing")
     g.add_argument("--loss-chunk", type=int, default=None, help="positions per KL chunk (default 2^26 / vocab)")
     g = p.add_argument_group("checkpoints")
@@ -82,7 +85,8 @@ def config_from_args(a) -> "TrainConfig":  # noqa: F821
                        grad_accum=a.grad_accum, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
                        max_grad_norm=a.max_grad_norm, budget=a.budget, budget_choices=tuple(a.budget_choices),
                        sinks=a.sinks, sink_choices=tuple(a.sink_choices), seed=a.seed, device=a.device,
-                       dtype=a.dtype, attention=a.attention, grad_checkpointing=not a.no_grad_checkpointing,
+                       dtype=a.dtype, attention=a.attention, memory_kernel=a.memory_kernel,
+                       grad_checkpointing=not a.no_grad_checkpointing,
                        loss_chunk=a.loss_chunk, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                        resume=a.resume, max_minutes=a.max_minutes, cache_dir=a.cache_dir, max_docs=a.max_docs,
                        init_ahn=a.init_ahn, log_every=a.log_every, progress=not a.no_progress)

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ..kernels import recurrent
 from ..kernels.attention import visible
 from ..model import AHNModel, RuntimeConfig
+from .kernels import memory_forward, needs_torch_kernel
 
 ATTENTION_IMPLS = ("auto", "dense", "blocked", "flex")
 
@@ -74,25 +75,35 @@ def _blocked_window_attention(q, k, v, window, sinks, scale, block=1024):
     return torch.cat(outs)
 
 
-_FLEX = {}
+_FLEX: dict = {}
 
 
 def _flex_window_attention(q, k, v, window, sinks, scale):
+    """FlexAttention with a block-sparse sinks + window mask. One compiled kernel per sequence length: the mask
+    function is created once per device and reads W and S from two device scalars that are updated (with the
+    block mask) whenever the geometry changes, so changing (W, S) between steps does not recompile. Every call,
+    including the recomputation of a checkpointed layer, first makes the scalars match its own (W, S)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    L = q.shape[0]
-    key = (L, int(window), int(sinks), str(q.device))
-    bm = _FLEX.get("mask")
-    if bm is None or bm[0] != key:
-        w = torch.tensor(int(window), device=q.device)
-        s = torch.tensor(int(sinks), device=q.device)
+    dev = str(q.device)
+    if dev not in _FLEX:
+        w = torch.zeros((), dtype=torch.int64, device=q.device)
+        s = torch.zeros((), dtype=torch.int64, device=q.device)
 
         def mask_mod(b, h, qi, ki):
             return (ki <= qi) & ((qi - ki < w) | (ki < s))
-        _FLEX["mask"] = bm = (key, create_block_mask(mask_mod, None, None, L, L, device=q.device))
-    o = _FLEX["fn"](q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm[1],
-                    scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        _FLEX[dev] = {"w": w, "s": s, "mask_mod": mask_mod, "key": None, "block_mask": None}
+    st = _FLEX[dev]
+    L = q.shape[0]
+    key = (L, int(window), int(sinks))
+    if st["key"] != key:
+        st["w"].fill_(int(window))
+        st["s"].fill_(int(sinks))
+        st["block_mask"] = create_block_mask(st["mask_mod"], None, None, L, L, device=q.device)
+        st["key"] = key
+    o = _FLEX["fn"](q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                    block_mask=st["block_mask"], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return o[0].transpose(0, 1)
 
 
@@ -165,16 +176,24 @@ def kl_reference(student_logits, teacher_logits):
 # the distillation module
 
 class _MemCall(nn.Module):
-    """gates of the written tokens + write/read, as one module call (for functional_call)."""
+    """gates of the written tokens + write/read, as one module call (for functional_call). torch_kernel: route the
+    module's recurrence to the chunk-parallel PyTorch kernel (where fla cannot differentiate it)."""
 
-    def __init__(self, mem):
+    def __init__(self, mem, torch_kernel=False):
         super().__init__()
         self.mem = mem
+        self.torch_kernel = torch_kernel
 
     def forward(self, xw, q, k, v, xq):
         gates = self.mem.gates(xw)
-        m, _ = self.mem(q, k, v, gates, xq, None)
+        if self.torch_kernel:
+            m, _ = memory_forward(self.mem, q, k, v, gates, xq)
+        else:
+            m, _ = self.mem(q, k, v, gates, xq, None)
         return m
+
+
+MEMORY_KERNELS = ("auto", "module", "torch")
 
 
 class Distiller(nn.Module):
@@ -184,12 +203,15 @@ class Distiller(nn.Module):
     forward(ids [L], window, sinks) -> (loss, number of loss positions)."""
 
     def __init__(self, hf_model: nn.Module, memories: nn.ModuleList, attention: str = "auto",
-                 grad_checkpointing: bool = True, loss_chunk: int | None = None):
+                 grad_checkpointing: bool = True, loss_chunk: int | None = None, memory_kernel: str = "auto"):
         super().__init__()
         if any(p.requires_grad for p in hf_model.parameters()):
             raise ValueError("the base model must be frozen (requires_grad=False on every parameter)")
+        if memory_kernel not in MEMORY_KERNELS:
+            raise ValueError(f"memory_kernel must be one of {', '.join(MEMORY_KERNELS)}")
         self.memories = memories
-        self._mem_calls = [_MemCall(m) for m in memories]  # plain list: not registered twice
+        self.memory_kernel = memory_kernel
+        self._mem_calls = None  # plain list, built on first use: not registered twice
         # the runtime's own base-layer helpers (q/k/v + RoPE, o_proj + MLP, final norm): one source of truth
         rt = AHNModel(hf_model, None, RuntimeConfig(window=1, sinks=0))
         object.__setattr__(self, "rt", rt)
@@ -206,12 +228,24 @@ class Distiller(nn.Module):
     def _attn_impl(self, L):
         return resolve_attention(self.attention, self.rt.device, L)
 
+    def uses_torch_kernel(self) -> bool:
+        """Whether the memories run on the chunk-parallel PyTorch kernel instead of the module's own dispatch
+        (fla on CUDA, recurrent.chunked on CPU): memory_kernel 'torch', or 'auto' where fla cannot
+        differentiate this variant (see kernels.py)."""
+        if self.memory_kernel == "auto":
+            return needs_torch_kernel(self.memories[0].variant, self.rt.device, self.compute_dtype)
+        return self.memory_kernel == "torch"
+
     def _memory(self, l, xw, q, k, v, xq):
         mem = self.memories[l]
         dt = self.compute_dtype
+        if self._mem_calls is None:
+            tk = self.uses_torch_kernel()
+            self._mem_calls = [_MemCall(m, tk) for m in self.memories]
         n = q.shape[0]
         pad = 0
-        if q.is_cuda and dt in (torch.bfloat16, torch.float16) and recurrent._fla() is not None and n <= 64:
+        if (q.is_cuda and dt in (torch.bfloat16, torch.float16) and recurrent._fla() is not None and n <= 64
+                and not self._mem_calls[l].torch_kernel):
             # the runtime uses fla's fused-recurrent kernels for <= 64 tokens, which have no backward; padding
             # the written sequence at its end to 65 rows selects the chunk kernels and leaves rows < n unchanged
             pad = 65 - n
@@ -334,4 +368,4 @@ def n_trainable(memories) -> int:
 
 
 __all__ = ["ATTENTION_IMPLS", "ChunkedKL", "Distiller", "causal_attention", "decay_split", "freeze_unused",
-           "init_memories", "kl_reference", "loss_positions", "resolve_attention", "window_attention"]
+           "init_memories", "kl_reference", "loss_positions", "MEMORY_KERNELS", "resolve_attention", "window_attention"]

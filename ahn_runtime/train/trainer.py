@@ -55,6 +55,7 @@ class TrainConfig:
     device: str | None = None
     dtype: str | None = None
     attention: str = "auto"
+    memory_kernel: str = "auto"
     grad_checkpointing: bool = True
     loss_chunk: int | None = None
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end / when stopped
@@ -247,7 +248,7 @@ class Trainer:
         mems.train()
         self.memories = mems
         self.distiller = Distiller(hf, mems, attention=cfg.attention, grad_checkpointing=cfg.grad_checkpointing,
-                                   loss_chunk=cfg.loss_chunk)
+                                   loss_chunk=cfg.loss_chunk, memory_kernel=cfg.memory_kernel)
         self.model = self.distiller
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -455,9 +456,10 @@ class Trainer:
         log_path = os.path.join(cfg.out, "train_log.jsonl")
         if self.is_main:
             os.makedirs(cfg.out, exist_ok=True)
-            log.info("training %s AHN (%d trainable parameters) on %s, %s, world %d, seq_len %d, steps %d",
-                     cfg.variant, n_trainable(self.memories), self.device, self.dtype, self.world, cfg.seq_len,
-                     cfg.steps)
+            log.info("training %s AHN (%d trainable parameters) on %s, %s, world %d, seq_len %d, steps %d, "
+                     "memory kernel: %s", cfg.variant, n_trainable(self.memories), self.device, self.dtype, self.world,
+                     cfg.seq_len, cfg.steps, "PyTorch chunk-parallel" if self.distiller.uses_torch_kernel() else
+                     ("fla" if self.device.type == "cuda" and self.dtype != torch.float32 else "PyTorch chunked"))
         stopped_early = False
         step_times = []
         try:
