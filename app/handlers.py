@@ -137,8 +137,10 @@ class Handlers:
         except Exception as e:  # noqa: BLE001  keep the app alive, tell the user
             log.exception("document processing failed")
             lines.append(("error", f"Processing failed: {type(e).__name__}: {e}"))
-        yield (views.status_html(lines), self._docs(session, mode), gr.update(visible=bool(session.pending)),
-               gr.update(value="") if session.pending or not clear_files else keep, files_out)
+        pw = gr.update(value="", label="Password for " + ", ".join(p.name for p in session.pending)) \
+            if session.pending else (gr.update(value="") if not clear_files else keep)
+        yield (views.status_html(lines), self._docs(session, mode), gr.update(visible=bool(session.pending)), pw,
+               files_out)
 
     def clear_documents(self, session):
         session = self._session(session)

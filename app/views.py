@@ -214,7 +214,9 @@ def _plot_svg(series: dict, w: int = 300, h: int = 150) -> str:
         pts = sorted(pts)
         if not pts:
             continue
-        coords = [(0, pts[0][1])] + [(p[0], p[1]) for p in pts] if pts[0][0] > 0 else [(p[0], p[1]) for p in pts]
+        coords = [(p[0], p[1]) for p in pts]
+        if len(coords) == 1:
+            coords.append((coords[0][0] + max_x / 100, coords[0][1]))  # a dot would be invisible
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in coords)
         lines.append(f"<polyline data-mode='{mode}' points='{path}' fill='none' stroke='{MODE_COLORS.get(mode, '#555')}' "
                      f"stroke-width='2'/>")

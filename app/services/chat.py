@@ -353,6 +353,7 @@ class ChatService:
             emit(Progress("prefill", done, total, "tokens", label, eta, rate, side, -(-done // size), chunks))
             self.monitor.sample(session, mode, state)
 
+        self.monitor.sample(session, mode, state)
         emit(Progress("prefill", 0, len(ids), "tokens", label, None, None, side, 0, chunks))
         try:
             self.engine.prefill(state, ids, run.stop, progress)
