@@ -93,31 +93,28 @@ def build_ui(h: Handlers) -> gr.Blocks:
                   js=TAB_ID_JS, api_name="ui_restore", **private)
         # ---- documents
         proc_out = [status, docs, pw_row, pw, files]
-        files.upload(h.upload, [files, mode, session], proc_out, api_name="ui_upload", concurrency_limit=16, concurrency_id="work",
-                     show_progress="hidden", **private)
+        work = dict(concurrency_limit=16, concurrency_id="work", show_progress="hidden", **private)
+        files.upload(h.upload, [files, mode, session], proc_out, api_name="ui_upload", **work)
         for trigger in (unlock_btn.click, pw.submit):
-            trigger(h.unlock, [pw, mode, session], proc_out, api_name="ui_unlock", concurrency_limit=16, concurrency_id="work",
-                    show_progress="hidden", **private)
+            trigger(h.unlock, [pw, mode, session], proc_out, api_name="ui_unlock", **work)
         clear_docs_btn.click(h.clear_documents, [session], [status, docs, pw_row], api_name="ui_clear_documents",
                              **private)
         mode.change(h.mode_changed, [mode, session], [status, docs], api_name="ui_mode", **private)
         # ---- chat
-        gen = dict(concurrency_limit=16, concurrency_id="work", show_progress="hidden", **private)
         for trigger in (send_btn.click, question.submit):
             trigger(h.ask, [question, mode, max_new, temperature, session], [chatbot, question, status],
-                    api_name="ui_ask", **gen)
+                    api_name="ui_ask", **work)
         regen_btn.click(h.regenerate, [mode, max_new, temperature, session], [chatbot, question, status],
-                        api_name="ui_regenerate", **gen)
-        stop_btn.click(h.stop, [session], [status], api_name="ui_stop", concurrency_limit=None, concurrency_id="control",
-                       show_progress="hidden", **private)
+                        api_name="ui_regenerate", **work)
+        control = dict(concurrency_limit=None, concurrency_id="control", show_progress="hidden", **private)
+        stop_btn.click(h.stop, [session], [status], api_name="ui_stop", **control)
         clear_btn.click(h.clear_chat, [session], [chatbot, status, cmp], api_name="ui_clear_chat", **private)
         compare_btn.click(h.compare, [question, max_new, temperature, session], [cmp, status], api_name="ui_compare",
-                          **gen)
+                          **work)
         export_md_btn.click(h.export_markdown, [session], [export_file], api_name="ui_export_md", **private)
         export_json_btn.click(h.export_json, [session], [export_file], api_name="ui_export_json", **private)
         # ---- live memory panel (about once a second, also while generating)
-        timer.tick(h.memory, [session], [memory], api_name="ui_memory", concurrency_limit=None, concurrency_id="control",
-                   show_progress="hidden", **private)
+        timer.tick(h.memory, [session], [memory], api_name="ui_memory", **control)
 
         # ---- API
         api = dict(api_visibility="public")

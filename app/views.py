@@ -29,6 +29,8 @@ def fmt_bytes(n: int | float | None) -> str:
 def fmt_secs(s: float | None) -> str:
     if s is None:
         return "–"
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
     if s < 60:
         return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
     m, s = divmod(int(s), 60)
@@ -218,8 +220,8 @@ def _plot_svg(series: dict, w: int = 300, h: int = 150) -> str:
         if len(coords) == 1:
             coords.append((coords[0][0] + max_x / 100, coords[0][1]))  # a dot would be invisible
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in coords)
-        lines.append(f"<polyline data-mode='{mode}' points='{path}' fill='none' stroke='{MODE_COLORS.get(mode, '#555')}' "
-                     f"stroke-width='2'/>")
+        color = MODE_COLORS.get(mode, "#555")
+        lines.append(f"<polyline data-mode='{mode}' points='{path}' fill='none' stroke='{color}' stroke-width='2'/>")
     legend = "".join(f"<tspan fill='{MODE_COLORS.get(m, '#555')}'> ● {MODE_LABELS.get(m, m)}</tspan>" for m in series)
     return (f"<svg id='mem-plot' width='100%' viewBox='0 0 {w} {h}' data-points='{len(pts_all)}'>"
             f"<line x1='{pad_l}' y1='{pad_t + ih}' x2='{w - pad_r}' y2='{pad_t + ih}' class='ax'/>"
@@ -248,9 +250,11 @@ def memory_html(snap: dict) -> str:
     mode = snap.get("mode")
     where = ""
     if mode == "ahn":
-        where = f"<tr><td>Compressed into AHN memory</td><td class='num' id='tok-compressed'>{t['compressed']:,}</td></tr>"
+        where = (f"<tr><td>Compressed into AHN memory</td><td class='num' id='tok-compressed'>"
+                 f"{t['compressed']:,}</td></tr>")
     elif mode == "window":
-        where = f"<tr><td>Dropped (outside the window)</td><td class='num' id='tok-dropped'>{t['dropped']:,}</td></tr>"
+        where = (f"<tr><td>Dropped (outside the window)</td><td class='num' id='tok-dropped'>"
+                 f"{t['dropped']:,}</td></tr>")
     phase = snap.get("phase", "idle")
     live = "<span class='live-dot'></span>" if snap.get("live") else ""
     last = snap.get("last_generation") or {}
@@ -266,7 +270,8 @@ def memory_html(snap: dict) -> str:
         f"<div class='dev'>{dev}: <b id='dev-used'>{fmt_bytes(used)}</b> of {fmt_bytes(total)}"
         f"<div class='bar'><div class='fill' style='width:{100 * frac:.1f}%'></div></div></div>"
         f"<table class='parts'>{''.join(rows)}</table>"
-        f"<table class='tokens'><tr><td>Tokens processed</td><td class='num' id='tok-processed'>{t['processed']:,}</td></tr>"
+        f"<table class='tokens'><tr><td>Tokens processed</td>"
+        f"<td class='num' id='tok-processed'>{t['processed']:,}</td></tr>"
         f"<tr><td>In attention (window + sinks)</td><td class='num' id='tok-window'>{t['in_window']:,}</td></tr>"
         f"{where}</table>"
         f"<div class='small'>Window {snap['window']:,} + {snap['sinks']} sinks. State in use vs tokens "
@@ -296,7 +301,9 @@ CSS = """
 .budget.over {background: #fef2f2; color: #991b1b}
 #memory {font-size: 0.9em}
 #memory table {width: 100%; border-collapse: collapse; margin: 4px 0}
-#memory table, #memory td, #compare table, #compare td {border: none}
+#memory table, #memory td, #compare table, #compare td, .doc-table, .doc-table td, .doc-table th
+  {border: none !important}
+#compare td, .doc-table td, .doc-table th {border-bottom: 1px solid #e5e7eb !important}
 #memory td {padding: 1px 4px; border-bottom: 1px solid #f3f4f6}
 #memory td.num {text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums}
 #memory td.barcell {width: 35%}
@@ -309,6 +316,7 @@ CSS = """
 #compare .cmp-cols {display: flex; gap: 12px}
 #compare .cmp-col {flex: 1; border: 1px solid #e5e7eb; border-radius: 8px; padding: 8px; min-width: 0}
 #compare .cmp-col h3 {margin: 0 0 4px 0}
-#compare .cmp-answer {white-space: normal; margin-bottom: 6px; overflow-wrap: anywhere}
+#compare .cmp-answer {white-space: normal; margin-bottom: 6px; overflow-wrap: anywhere; max-height: 320px;
+  overflow-y: auto}
 #compare .cmp-stats td {padding: 1px 6px; font-size: 0.88em}
 """

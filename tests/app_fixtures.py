@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def build_services(base, ahn, tmp: Path, *, window=32, sinks=4, chunk_size=128, 
     from app.server import build_services as build
     from app.services.presets import choose
     choice = choose(base=str(base), ahn=str(ahn) if ahn else "none", window=window, sinks=sinks,
-                    chunk_size=chunk_size, device="cpu")
+                    chunk_size=chunk_size, device=os.environ.get("AHN_APP_TEST_DEVICE", "cpu"))
     settings = Settings(cache_dir=tmp / "cache", models_dir=APP_MODELS_DIR, max_upload_mb=max_upload_mb,
                         max_new_tokens=max_new_tokens)
     return build(choice, settings, lambda msg: None)
