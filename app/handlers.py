@@ -211,7 +211,8 @@ class Handlers:
                                else "") + "*")
                 elif isinstance(ev, Notice):
                     lines.append((ev.level, ev.text))
-                    gr.Warning(ev.text)
+                    if ev.toast:
+                        gr.Warning(ev.text)
                 elif isinstance(ev, Finished):
                     yield views.chat_messages(session.messages), gr.update(), views.status_html(lines)
                     return

@@ -389,7 +389,8 @@ def test_regenerate_clear_and_export(chat, docs):
     s = Session()
     upload(chat, s, docs["md"], mode="ahn")
     drain(chat.ask(s, "What does the ticket cost?", "ahn", max_new_tokens=3))
-    drain(chat.regenerate(s, "window", max_new_tokens=3))
+    evs = drain(chat.regenerate(s, "window", max_new_tokens=3))
+    assert any("Window-only mode sees the last 32 tokens" in e.text for e in of(Notice, evs))  # never silent
     assert [m.role for m in s.messages] == ["user", "assistant"]
     assert s.messages[0].content == "What does the ticket cost?" and s.messages[1].meta["mode"] == "window"
     name, md = chat.export(s, "md")

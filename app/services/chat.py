@@ -58,6 +58,7 @@ class Partial:
 class Notice:
     level: str  # "info" | "warning"
     text: str
+    toast: bool = True  # worth a pop-up (else shown in the status area only)
 
 
 @dataclass
@@ -446,6 +447,15 @@ class ChatService:
                                f"{b.tokens:,} tokens.")
                 emit(Notice("warning", notices[-1]))
                 max_new = room
+        if mode == "window":
+            W, S = eng.info.window, eng.info.sinks
+            prefix_n = self._prefix_tokens(session)
+            if prefix_n + len(suffix) > W + S:
+                dropped = prefix_n + len(suffix) - W - S
+                notices.append(f"Window-only mode sees the last {W:,} tokens (+{S} sinks): {dropped:,} earlier "
+                               "tokens of the documents and chat are not seen. Use AHN or full attention to keep "
+                               "them.")
+                emit(Notice("warning", notices[-1], toast=False))
         params = eng.sampling(max_new, temperature)
         with eng.turn(run.stop, self._waiting(emit, side)):
             t_begin = time.perf_counter()
