@@ -36,8 +36,9 @@ def test_short_sequence_equals_base(hf_base, W, S):
     assert st.compressed == 0
 
 
-def test_zero_memory_output_equals_window_mode():
-    model = gdn(window=32, sinks=8)
+@pytest.mark.parametrize("variant", ["gdn", "dn", "mamba2"])
+def test_zero_memory_output_equals_window_mode(variant):
+    model = model_for(opath("models/base"), opath(f"models/ahn_{variant}"), window=32, sinks=8)
     zero = copy.deepcopy(model.memories)
     for m in zero:
         m.o_proj.weight.data.zero_()
