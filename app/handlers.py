@@ -117,6 +117,8 @@ class Handlers:
             for ev in events:
                 if isinstance(ev, Progress):
                     progress = views.progress_html(ev)
+                elif isinstance(ev, Status) and ev.transient:
+                    progress = views.status_line("info", ev.text)
                 elif isinstance(ev, Status):
                     lines.append(("info", ev.text))
                     progress = ""

@@ -83,6 +83,10 @@ def progress_html(ev, started: float | None = None) -> str:
             f"<div class='progress-detail'>{esc(detail)}</div></div>")
 
 
+def status_line(level: str, text: str) -> str:
+    return f"<div class='msg {level}'>{esc(text)}</div>"
+
+
 def status_html(lines: list[tuple[str, str]], progress: str = "") -> str:
     """lines: (level, text) with level info|warning|error|ok."""
     icons = {"info": "", "warning": "⚠", "error": "✖", "ok": "✓"}
@@ -196,7 +200,7 @@ def compare_html(result: dict | None, live: dict | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------------ memory
 def _plot_svg(series: dict, w: int = 300, h: int = 150) -> str:
-    pad_l, pad_b, pad_t, pad_r = 44, 22, 8, 8
+    pad_l, pad_b, pad_t, pad_r = 54, 22, 8, 8
     pts_all = [p for pts in series.values() for p in pts]
     if not pts_all:
         return (f"<svg id='mem-plot' width='{w}' height='{h}' viewBox='0 0 {w} {h}'><text x='{w / 2}' y='{h / 2}' "

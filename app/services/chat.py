@@ -32,6 +32,7 @@ from .state_cache import StateCache
 class Status:
     text: str
     side: str | None = None
+    transient: bool = False  # e.g. "waiting for the model": replaced by what comes next
 
 
 @dataclass
@@ -171,7 +172,8 @@ class ChatService:
                         raise Cancelled("Stopped before it started.")
                     if not told and session.run is not None:
                         told = True
-                        emit(Status(f"Waiting for this chat's current task ({session.run.kind}) to finish…"))
+                        emit(Status(f"Waiting for this chat's current task ({session.run.kind}) to finish…",
+                                    transient=True))
                 try:
                     session.run = run
                     if run.stop.is_set():
@@ -336,7 +338,7 @@ class ChatService:
     def _waiting(self, emit, side=None):
         def on_wait(ahead):
             emit(Status(f"Waiting for the model: {ahead} request{'s' if ahead != 1 else ''} ahead of you "
-                        "(one runs at a time).", side))
+                        "(one runs at a time).", side, transient=True))
         return on_wait
 
     def _prefill_prefix(self, session, mode, key, ids, run, emit, side):
