@@ -77,6 +77,18 @@ def load_base(base: str, dtype: torch.dtype, device: str):
     return model, tok
 
 
+def fetch_ahn(ahn: str) -> str:
+    """A local directory for an AHN-only checkpoint given as a Hugging Face Hub id (config + safetensors only)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", ahn) or ahn.startswith((".", "/")) or os.path.exists(ahn):
+        raise AHNError(f"AHN checkpoint not found: {ahn!r} is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(ahn, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # noqa: BLE001  offline, unknown repo, no permission
+        raise AHNError(f"could not fetch AHN checkpoint {ahn!r} from the Hugging Face Hub: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -177,7 +189,7 @@ def load_model(base: str, ahn: str | None = None, config: RuntimeConfig | None =
     dt = _resolve_dtype(dtype, device)
     ahn_dir = None if ahn in (None, "", "none", "None") else ahn
     if ahn_dir is not None and not os.path.isdir(ahn_dir):
-        raise AHNError(f"AHN checkpoint not found: {ahn_dir!r} is not a directory")
+        ahn_dir = fetch_ahn(ahn_dir)
     ahn_cfg = None
     if ahn_dir is not None:
         ahn_cfg = _read_json(os.path.join(ahn_dir, "config.json"))

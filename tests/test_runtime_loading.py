@@ -94,6 +94,8 @@ def test_bad_paths_and_settings(monkeypatch):
         load_model("no-such-org/no-such-model", None, device="cpu")
     with pytest.raises(AHNError, match="AHN checkpoint not found"):
         load_model(BASE, "/nonexistent/ahn", device="cpu")
+    with pytest.raises(AHNError, match="could not fetch AHN checkpoint"):  # a Hub id, offline
+        load_model(BASE, "ByteDance-Seed/AHN-GDN-for-Qwen-2.5-Instruct-3B", device="cpu")
     with pytest.raises(AHNError, match="window"):
         load_model(BASE, None, RuntimeConfig(window=0), device="cpu")
     with pytest.raises(AHNError, match="sinks"):
