@@ -73,6 +73,35 @@ def test_student_logits_equal_runtime(base, variant):
             _assert_close(got, ref)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_student_equals_runtime_other_families(tmp_path, family):
+    """Llama (SmolLM2's family) and Qwen3 (q/k norms, head_dim != hidden/heads) with a random trained-like AHN."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ahn_runtime.model import AHNModel
+    cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+    if family == "qwen3":
+        cfg["head_dim"] = 32
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **cfg)).float().eval().requires_grad_(False)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    for variant in VARIANTS:
+        mems = init_memories(variant, hf.config, seed=1)
+        with torch.no_grad():
+            for m in mems:
+                m.o_proj.weight.normal_(0, 0.1)
+        ids = _ids(150, seed=4, vocab=512)
+        rt = AHNModel(hf, mems, RuntimeConfig(window=20, sinks=4))
+        ref = rt.prefill(rt.new_state("ahn"), ids, logits="all")
+        with torch.no_grad():
+            got = Distiller(hf, mems, attention="blocked").student_logits(ids, 20, 4)
+        _assert_close(got, ref)
+
+
 def test_oracle_training_forward_cases(base):
     """The official training forward (gdn_train_*: training window = W + S incl. sinks) equals our student."""
     hf, _ = base
