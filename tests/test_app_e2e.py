@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-pytest.importorskip("gradio", reason="the app's packages are not installed: pip install -r requirements-app.txt")
-pytest.importorskip("gradio_client", reason="gradio_client is not installed: pip install -r requirements-app.txt")
+pytest.importorskip("gradio", reason="the app's packages are not installed: pip install -r requirements-dev.txt")
+pytest.importorskip("gradio_client", reason="gradio_client is not installed: pip install -r requirements-dev.txt")
 
 import pdf_factory as pf  # noqa: E402
 from app_fixtures import APP_MODELS_DIR, ROOT, launch_app, make_documents, smollm2_gguf, stop_app
@@ -167,7 +167,7 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed (pip install -r requirements-app.txt)")
+        pytest.skip("playwright is not installed (pip install -r requirements-dev.txt)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("gradio", reason="the app's packages are not installed: pip install -r requirements-app.txt")
+pytest.importorskip("gradio", reason="the app's packages are not installed: pip install -r requirements-dev.txt")
 
 import pdf_factory as pf  # noqa: E402
 from app_fixtures import FACTS, build_services, make_documents, tiny_ahn_model
