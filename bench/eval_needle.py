@@ -155,7 +155,7 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     modes = list(res["accuracy"])
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(max(6.0, 4.5 * len(modes)), 3.8), squeeze=False)
     for ax, m in zip(axes[0], modes):
         grid = [[res["accuracy"][m][str(L)][str(d)] for d in res["depths"]] for L in res["lengths"]]
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -167,7 +167,7 @@ def plot(res: dict, path: str) -> None:
         ax.set_xlabel("needle depth")
         ax.set_ylabel("prompt length (tokens)")
         ax.set_title(f"{m}" + ("" if m == "full" else f" (W={res['window']}, S={res['sinks']})"))
-    fig.suptitle(f"{os.path.basename(res['base'])}: needle exact match, {len(res['trials'])} trials/cell")
+    fig.suptitle(f"{os.path.basename(res['base'])}: needle exact match, {len(res['trials'])} trials/cell", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -118,7 +118,7 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     items = list(res["results"].items())
-    fig, axes = plt.subplots(1, len(items), figsize=(5.5 * len(items), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(items), figsize=(max(6.0, 5.5 * len(items)), 4), squeeze=False)
     for ax, (W, r) in zip(axes[0], items):
         for m, x in r["modes"].items():
             b = [b for b in x["plot_buckets"] if b["nll"] is not None]
@@ -129,7 +129,7 @@ def plot(res: dict, path: str) -> None:
         ax.set_ylabel("NLL (nats)")
         ax.set_title(f"W={W}, S={r['sinks']}, {r['n_docs']} docs")
         ax.legend()
-    fig.suptitle(f"{os.path.basename(res['base'])}: NLL by position")
+    fig.suptitle(f"{os.path.basename(res['base'])}: NLL by position", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

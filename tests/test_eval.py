@@ -171,3 +171,28 @@ def test_eval_nll_smoke_on_oracle(tmp_path):
     f, w, a = (r["modes"][k]["nll_beyond_window"] for k in ("full", "window", "ahn"))
     assert g["overall"] == pytest.approx((w - a) / (w - f))
     assert "gap recovered" in (tmp_path / "nll.md").read_text()
+
+
+@needs_oracle
+def test_eval_qa_and_needle_smoke_on_tiny_chat_model(tmp_path):
+    """Both scripts end to end on the oracle base with the app tests' tiny BPE tokenizer + ChatML template."""
+    from app_models import tiny_ahn_model
+
+    from bench import eval_needle, eval_qa
+    base, ahn = (str(p) for p in tiny_ahn_model(tmp_path))
+    data = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "data")
+    res = eval_qa.main(["--base", base, "--ahn", ahn, "--data", os.path.join(data, "sample_longbench.jsonl") + ","
+                        + os.path.join(data, "sample_lveval.jsonl"), "--window", "32", "--sinks", "2",
+                        "--max-length", "200", "--max-new-tokens", "3", "--modes", "ahn",
+                        "--pred", str(tmp_path / "pred.jsonl"), "--json", str(tmp_path / "qa.json")])
+    preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(preds) == 5 and {p["mode"] for p in preds} == {"ahn"}
+    assert all(p["prompt_tokens"] <= 200 + 40 for p in preds)  # truncated prompt + chat frame
+    assert res["scores"]["ahn"]["hotpotwikiqa_mixup"]["metric"] == "lveval_kw_f1"
+    assert set(res["scores"]["ahn"]) == {"multifieldqa_en", "hotpotqa", "multifieldqa_en_mixup", "hotpotwikiqa_mixup"}
+    res = eval_needle.main(["--base", base, "--ahn", ahn, "--window", "32", "--sinks", "2", "--lengths", "288",
+                            "--depths", "0.2,0.8", "--trials", "2", "--max-new-tokens", "2", "--modes", "full,ahn",
+                            "--json", str(tmp_path / "needle.json"), "--plot", str(tmp_path / "needle.png")])
+    cells = res["cells"]["ahn"]["288"]["0.2"]
+    assert len(cells) == 2 and all(0 < c["needle_pos"] < 288 for c in cells)
+    assert set(res["accuracy"]) == {"full", "ahn"} and (tmp_path / "needle.png").stat().st_size > 0
