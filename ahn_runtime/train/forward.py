@@ -42,6 +42,9 @@ ATTENTION_IMPLS = ("auto", "dense", "blocked", "flex")
 
 def causal_attention(q, k, v, scale):
     """Full causal attention. q [L, H, D], k/v [L, Hkv, D] -> [L, H, D]."""
+    if q.is_cuda and q.shape[1] != k.shape[1]:  # repeated K/V keep the flash backend eligible (no [L, L] scores)
+        G = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return o[0].transpose(0, 1)

@@ -138,9 +138,9 @@ def ahn_config(hf_config, variant: str, cfg: TrainConfig | None = None) -> dict:
         d["architectures"] = [type_name for type_name in (getattr(hf_config, "architectures", None) or [])] or \
             [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}.get(
                 full.get("model_type"), "")]
-    for k in ("dtype", "torch_dtype"):
-        if k in d:
-            d[k] = "bfloat16"  # the dtype of the AHN tensors in model.safetensors
+    d["torch_dtype"] = "bfloat16"  # the dtype of the AHN tensors in model.safetensors (as the official configs)
+    if "dtype" in d:
+        d["dtype"] = "bfloat16"
     q = d.get("quantization_config")
     if isinstance(q, dict) and q.get("quant_method") == "gguf":  # GGUF weights are loaded dequantised
         d.pop("quantization_config")
