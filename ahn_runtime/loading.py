@@ -73,6 +73,8 @@ def load_base(base: str, dtype: torch.dtype, device: str):
         tok = AutoTokenizer.from_pretrained(src, **kw)
     except Exception:  # noqa: BLE001  a model without tokenizer files still runs on token ids
         tok = None
+    if tok is not None and len(tok) < 2:  # transformers 5 builds an empty tokenizer for dirs without one
+        tok = None
     model.to(device).eval().requires_grad_(False)
     return model, tok
 
