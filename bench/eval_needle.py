@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     if "ahn" in modes and not args.ahn:
         modes.remove("ahn")
         pending["ahn"] = "pending trained weights (--ahn DIR)"
+    if not modes:
+        raise SystemExit("nothing to run: give --modes (and --ahn DIR for the ahn mode)")
     cfg = RuntimeConfig(window=args.window, sinks=args.sinks, chunk_size=args.chunk)
     model = load_model(args.base, args.ahn, cfg, dtype=args.dtype, device=args.device)
     tok = model.tokenizer

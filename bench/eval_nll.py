@@ -62,7 +62,7 @@ def summarize(nll: np.ndarray, W: int, S: int, lengths: list[int]) -> dict:
     s, c = nll.sum(0), np.full(T, n_docs)
     lo = min(S + W, T)
     per_doc = nll[:, lo:].mean(1) if T > lo else np.full(n_docs, np.nan)
-    log_edges = sorted({0, T} | {min(T, W * 2 ** k) for k in range(0, 16) if W * 2 ** k < T})
+    log_edges = sorted({0, T} | {min(T, W * 2 ** k) for k in range(16) if W * 2 ** k < T})
     return {
         "nll_beyond_window": mean_over(s, c, lo, T),
         "stderr_over_docs": float(per_doc.std(ddof=1) / np.sqrt(n_docs)) if n_docs > 1 else None,
@@ -109,7 +109,7 @@ def markdown(res: dict) -> str:
         if r["gap_recovered"]:
             g = r["gap_recovered"]
             rows.append(["gap recovered", fmt(g["overall"]), fmt(g["at_8W"])] + [""] * len(cols))
-        out.append(md_table(["mode", f"NLL t >= S+W", "NLL [7W,8W)"] + cols, rows))
+        out.append(md_table(["mode", "NLL t >= S+W", "NLL [7W,8W)"] + cols, rows))
     return "\n".join(out)
 
 
@@ -172,6 +172,8 @@ def main(argv=None, model=None) -> dict:
     if "ahn" in modes and not args.ahn:
         modes.remove("ahn")
         pending["ahn"] = "pending trained weights (--ahn DIR)"
+    if not modes:
+        raise SystemExit("nothing to run: give --modes (and --ahn DIR for the ahn mode)")
 
     if model is None:
         model = load_model(args.base, args.ahn, RuntimeConfig(window=max(windows), sinks=S, chunk_size=args.chunk),

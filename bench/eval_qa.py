@@ -166,6 +166,8 @@ def main(argv=None) -> dict:
     if "ahn" in modes and not args.ahn:
         modes.remove("ahn")
         pending["ahn"] = "pending trained weights (--ahn DIR)"
+    if not modes:
+        raise SystemExit("nothing to run: give --modes (and --ahn DIR for the ahn mode)")
     model = load_model(args.base, args.ahn, RuntimeConfig(window=args.window, sinks=args.sinks, chunk_size=args.chunk),
                        dtype=args.dtype, device=args.device)
     if model.tokenizer is None:
