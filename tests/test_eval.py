@@ -1,5 +1,6 @@
-"""Pure logic of the evaluation harness in bench/ (metrics, truncation, needles, gap arithmetic) and a smoke run of
-bench/eval_nll.py on the tiny oracle model."""
+"""Pure logic of the evaluation harness in bench/ (metrics, truncation, needles, gap arithmetic) and smoke runs of
+the scripts on the tiny oracle model."""
+import importlib.util
 import json
 import os
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.evallib import (bucket_means, exact_match, gap_recovered, keyword_gated_f1, needle_answer_ok,
+from bench.evallib import (HELDOUT, bucket_means, exact_match, gap_recovered, keyword_gated_f1, needle_answer_ok,
                            needle_text, normalize_answer, place_needle, qa_f1, qa_f1_zh, truncate_middle)
 from runtime_helpers import ORACLE, SMOLLM2, gdn
 
@@ -174,6 +175,7 @@ def test_eval_nll_smoke_on_oracle(tmp_path):
 
 
 @needs_oracle
+@pytest.mark.skipif(not os.path.isfile(HELDOUT), reason=f"held-out corpus not found at {HELDOUT}")
 def test_eval_qa_and_needle_smoke_on_tiny_chat_model(tmp_path):
     """Both scripts end to end on the oracle base with the app tests' tiny BPE tokenizer + ChatML template."""
     from app_models import tiny_ahn_model
@@ -190,9 +192,10 @@ def test_eval_qa_and_needle_smoke_on_tiny_chat_model(tmp_path):
     assert all(p["prompt_tokens"] <= 200 + 40 for p in preds)  # truncated prompt + chat frame
     assert res["scores"]["ahn"]["hotpotwikiqa_mixup"]["metric"] == "lveval_kw_f1"
     assert set(res["scores"]["ahn"]) == {"multifieldqa_en", "hotpotqa", "multifieldqa_en_mixup", "hotpotwikiqa_mixup"}
+    plot = importlib.util.find_spec("matplotlib") is not None  # requirements-bench.txt, not the test requirements
     res = eval_needle.main(["--base", base, "--ahn", ahn, "--window", "32", "--sinks", "2", "--lengths", "288",
                             "--depths", "0.2,0.8", "--trials", "2", "--max-new-tokens", "2", "--modes", "full,ahn",
-                            "--json", str(tmp_path / "needle.json"), "--plot", str(tmp_path / "needle.png")])
+                            "--json", str(tmp_path / "needle.json")] + (["--plot", str(tmp_path / "n.png")] if plot else []))
     cells = res["cells"]["ahn"]["288"]["0.2"]
     assert len(cells) == 2 and all(0 < c["needle_pos"] < 288 for c in cells)
-    assert set(res["accuracy"]) == {"full", "ahn"} and (tmp_path / "needle.png").stat().st_size > 0
+    assert set(res["accuracy"]) == {"full", "ahn"} and (not plot or (tmp_path / "n.png").stat().st_size > 0)
