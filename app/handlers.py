@@ -73,11 +73,20 @@ class Handlers:
         return views.documents_html(self.chat.summary(session), mode or session.mode)
 
     def _session(self, session: Session | None) -> Session:
+        """The tab's session, set by `restore` at page load. None only for an event sent before that finished:
+        refused, rather than run on a throwaway session that the tab (and a reload) would not keep."""
+        if isinstance(session, Session):
+            return session
+        raise gr.Error("This page is still loading; try again in a moment.")
+
+    def _api_session(self, session: Session | None) -> Session:
+        """An API client's session (one per gradio_client connection)."""
         return session if isinstance(session, Session) else self.s.store.new()
 
     # ---- page load ----------------------------------------------------------------------------------------
-    def restore(self, tab_id: str, session: Session | None):
-        """The tab's session (restored after a reload) and everything shown from it."""
+    def restore(self, tab_id: str):
+        """The tab's session (restored after a reload), everything shown from it, and the memory panel's timer
+        (started now, so that its refreshes always see the tab's session)."""
         session = self.s.store.for_tab(tab_id if isinstance(tab_id, str) else None)
         mode = session.mode if session.mode in self.engine.modes() else self.default_mode
         lines = []
@@ -88,7 +97,7 @@ class Handlers:
         return (session, views.chat_messages(session.messages), views.status_html(lines),
                 self._docs(session, mode), gr.update(value=mode),
                 gr.update(visible=bool(session.pending)), views.compare_html(session.compare),
-                views.memory_html(self.s.monitor.snapshot(session)))
+                views.memory_html(self.s.monitor.snapshot(session)), gr.update(active=True))
 
     # ---- documents ----------------------------------------------------------------------------------------
     def upload(self, files, mode, session):
@@ -199,7 +208,10 @@ class Handlers:
     def _stream(self, session, question, events):
         lines: list[tuple[str, str]] = []
         answer, note = "", "…"
-        yield views.chat_messages(session.messages, question, "…"), "", views.status_html([])
+        # the chat before this turn: the worker appends the turn to session.messages (and saves it) just before
+        # it reports the end, so live updates drawn from session.messages could show the turn twice
+        before = list(session.messages)
+        yield views.chat_messages(before, question, "…"), "", views.status_html([])
         try:
             for ev in events:
                 if isinstance(ev, Partial):
@@ -218,7 +230,7 @@ class Handlers:
                 elif isinstance(ev, Finished):
                     yield views.chat_messages(session.messages), gr.update(), views.status_html(lines)
                     return
-                yield (views.chat_messages(session.messages, question, answer or note), gr.update(),
+                yield (views.chat_messages(before, question, answer or note), gr.update(),
                        views.status_html(lines))
         except ServiceError as e:
             lines.append(("warning", str(e)))
@@ -301,7 +313,7 @@ class Handlers:
     # ---- API (named endpoints) ----------------------------------------------------------------------------
     def api_upload(self, files, password, session):
         """Add files to this client's session; returns the document summary (JSON)."""
-        session = self._session(session)
+        session = self._api_session(session)
         messages = []
         try:
             events = (self.chat.unlock(session, password) if password and session.pending and not files else
@@ -320,7 +332,7 @@ class Handlers:
 
     def api_ask(self, question, mode, max_new_tokens, session):
         """Stream the answer text (partial answers, then the final one)."""
-        session = self._session(session)
+        session = self._api_session(session)
         try:
             mode = normalize_mode(mode, self.default_mode)
             events = self.chat.ask(session, question, mode, max_new_tokens=int(max_new_tokens or 0) or None)
@@ -336,15 +348,15 @@ class Handlers:
         yield text
 
     def api_memory(self, session):
-        session = self._session(session)
+        session = self._api_session(session)
         return self.s.monitor.snapshot(session)
 
     def api_stop(self, session):
-        session = self._session(session)
+        session = self._api_session(session)
         return {"stopped": session.stop()}
 
     def api_compare(self, question, max_new_tokens, session):
-        session = self._session(session)
+        session = self._api_session(session)
         try:
             result = None
             for ev in self.chat.compare(session, question, max_new_tokens=int(max_new_tokens or 0) or None):

@@ -34,7 +34,12 @@ def build_ui(h: Handlers) -> gr.Blocks:
     modes = h.engine.modes()
     private = {"api_visibility": "private"}
     with gr.Blocks(title="Long-document chat (AHN)", analytics_enabled=False) as demo:
-        session = gr.State(Session)  # a fresh session per browser connection (a class deep-copies as itself)
+        # The tab's session: set by `restore` at page load, nothing else writes it. It must not have a callable
+        # default: Gradio runs such a default as a load event of its own, racing `restore` (whichever ends last
+        # wins), and could leave the tab on a fresh unsaved session that a reload does not bring back.
+        session = gr.State(None)
+        # API clients (gradio_client) run no load event: each connection gets a fresh session of its own
+        api_session = gr.State(Session)  # (a Session deep-copies as itself)
         tab_id = gr.Textbox(visible=False)
         gr.HTML(views.header_html(info, modes))
         with gr.Row(equal_height=False):
@@ -75,7 +80,7 @@ def build_ui(h: Handlers) -> gr.Blocks:
                     gr.Markdown(views.presets_md(h.s.presets, info["name"]))
             with gr.Column(scale=4, min_width=280):
                 memory = gr.HTML(h.memory(None), elem_id="memory-panel")
-        timer = gr.Timer(1.0)
+        timer = gr.Timer(1.0, active=False)  # started by `restore`, once the tab's session is known
 
         # hidden components of the scripting API (gradio_client): /upload, /ask, /memory, /stop, /compare
         with gr.Group(visible=False):
@@ -89,7 +94,7 @@ def build_ui(h: Handlers) -> gr.Blocks:
             api_btns = [gr.Button(visible=False) for _ in range(6)]
 
         # ---- page load: this tab's session (restored after a reload)
-        demo.load(h.restore, [tab_id, session], [session, chatbot, status, docs, mode, pw_row, cmp, memory],
+        demo.load(h.restore, [tab_id], [session, chatbot, status, docs, mode, pw_row, cmp, memory, timer],
                   js=TAB_ID_JS, api_name="ui_restore", **private)
         # ---- documents
         proc_out = [status, docs, pw_row, pw, files]
@@ -118,15 +123,15 @@ def build_ui(h: Handlers) -> gr.Blocks:
 
         # ---- API
         api = dict(api_visibility="public")
-        api_btns[0].click(h.api_upload, [api_files, api_password, session], [api_json], api_name="upload",
+        api_btns[0].click(h.api_upload, [api_files, api_password, api_session], [api_json], api_name="upload",
                           concurrency_limit=16, concurrency_id="work", **api)
-        api_btns[1].click(h.api_ask, [api_question, api_mode, api_max_new, session], [api_text], api_name="ask",
+        api_btns[1].click(h.api_ask, [api_question, api_mode, api_max_new, api_session], [api_text], api_name="ask",
                           concurrency_limit=16, concurrency_id="work", **api)
-        api_btns[2].click(h.api_memory, [session], [api_json], api_name="memory", concurrency_limit=None,
+        api_btns[2].click(h.api_memory, [api_session], [api_json], api_name="memory", concurrency_limit=None,
                           concurrency_id="control", **api)
-        api_btns[3].click(h.api_stop, [session], [api_json], api_name="stop", concurrency_limit=None,
+        api_btns[3].click(h.api_stop, [api_session], [api_json], api_name="stop", concurrency_limit=None,
                           concurrency_id="control", **api)
-        api_btns[4].click(h.api_compare, [api_question, api_max_new, session], [api_json], api_name="compare",
+        api_btns[4].click(h.api_compare, [api_question, api_max_new, api_session], [api_json], api_name="compare",
                           concurrency_limit=16, concurrency_id="work", **api)
         api_btns[5].click(h.api_info, None, [api_json], api_name="info", concurrency_limit=None,
                           concurrency_id="control", **api)

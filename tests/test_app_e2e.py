@@ -184,8 +184,6 @@ def _mem_tokens(page) -> int:
     return int(page.get_attribute("#memory", "data-tokens") or 0)
 
 
-@pytest.mark.xfail(strict=False, reason="known issue under investigation: on a loaded machine the chat restored "
-                   "after a reload right after Stop can differ from the live one (seen 2026-11-28)")
 def test_browser_upload_ask_stream_memory_stop_reload(app, docs, browser):
     if "pdf" not in docs:
         pytest.skip("chromium could not print the test PDF")

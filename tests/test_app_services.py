@@ -453,6 +453,35 @@ def test_sessions_survive_reload_and_restart(chat, docs, tmp_path):
         chat.store = old
 
 
+def test_page_load_gives_the_tab_its_saved_session_and_nothing_overwrites_it(services, docs):
+    """At page load only `restore` writes the tab's session State. (A State with a callable default gets a load
+    event of its own from Gradio, which raced `restore`: when it ended last the tab worked on a fresh unsaved
+    session, and a reload showed an empty chat.) Events sent before `restore` ended are refused, not run on a
+    throwaway session; API clients keep a session per connection."""
+    import gradio as gr
+
+    from app.handlers import Handlers
+    from app.server import make_demo
+    demo = make_demo(services)
+    fns = list(demo.fns.values())
+    restore = next(fn for fn in fns if fn.api_name == "ui_restore")
+    tab_state = restore.outputs[0]
+    assert isinstance(tab_state, gr.State) and not callable(tab_state.value)
+    loads = [fn for fn in fns if any(event == "load" for _, event in fn.targets)]
+    assert [fn for fn in loads if tab_state in fn.outputs] == [restore]
+    assert [fn for fn in fns if tab_state in fn.outputs] == [restore]
+    timer = restore.outputs[-1]
+    assert isinstance(timer, gr.Timer) and not timer.active  # the memory panel refreshes once the session is set
+    api_states = {b for fn in fns if fn.api_visibility == "public" for b in fn.inputs if isinstance(b, gr.State)}
+    assert api_states and tab_state not in api_states and all(callable(b.value) for b in api_states)
+
+    h = Handlers(services)
+    s, *_, timer_update = h.restore("tab-cccccccc")
+    assert s.persistent and s is services.store.for_tab("tab-cccccccc") and timer_update["active"] is True
+    with pytest.raises(gr.Error, match="still loading"):
+        next(h.upload([str(docs["md"])], "window", None))
+    assert h.api_memory(None)["tokens"]["processed"] == 0  # API: a fresh session
+
 def test_memory_snapshot_and_series(chat, tmp_path):
     from app import views
     s = Session()
