@@ -2,6 +2,8 @@
 from .errors import AHNError
 from .loading import load_model
 from .model import AHNModel, RuntimeConfig
+from .planning import AHNMemoryError, plan_memory
 from .state import SequenceState, StateSpec
 
-__all__ = ["AHNError", "AHNModel", "RuntimeConfig", "SequenceState", "StateSpec", "load_model"]
+__all__ = ["AHNError", "AHNMemoryError", "AHNModel", "RuntimeConfig", "SequenceState", "StateSpec", "load_model",
+           "plan_memory"]

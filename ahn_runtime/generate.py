@@ -75,14 +75,15 @@ def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = 
 
 
 def prefill(model: AHNModel, state: SequenceState, ids: torch.Tensor, chunk_size: int | None = None,
-            progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None):
+            progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+            max_new_tokens: int = 0):
     """Feed a prompt; returns the last position's logits [V]. Raises Stopped if stop is set between chunks."""
     def cb(done, total):
         if progress is not None:
             progress(done, total)
         if stop is not None and stop.is_set() and done < total:
             raise Stopped()
-    return model.prefill(state, ids, chunk_size=chunk_size, progress=cb)[-1]
+    return model.prefill(state, ids, chunk_size=chunk_size, progress=cb, max_new_tokens=max_new_tokens)[-1]
 
 
 def decode_one_token(model: AHNModel, state: SequenceState, token: int) -> torch.Tensor:
@@ -95,6 +96,7 @@ def decode_tokens(model: AHNModel, state: SequenceState, logits: torch.Tensor, p
     The EOS token is neither yielded nor fed; a stop takes effect before the next token is sampled."""
     eos = eos_ids(model)
     gen = torch.Generator(device=logits.device).manual_seed(params.seed) if params.seed is not None else None
+    step = model.decoder(state, params.max_new_tokens)
     for _ in range(params.max_new_tokens):
         if stop is not None and stop.is_set():
             return
@@ -106,7 +108,7 @@ def decode_tokens(model: AHNModel, state: SequenceState, logits: torch.Tensor, p
         yield tok
         if stop is not None and stop.is_set():
             return
-        logits = decode_one_token(model, state, tok)
+        logits = step(tok)
 
 
 def decode_n_tokens(model: AHNModel, state: SequenceState, logits: torch.Tensor, params: SamplingParams,
@@ -129,7 +131,7 @@ def generate(model: AHNModel, state: SequenceState, prompt_ids, params: Sampling
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(model.vocab_size, dtype=torch.bool, device=model.device)
         seen[ids.to(model.device)] = True
-    logits = prefill(model, state, ids, chunk_size, progress, stop)
+    logits = prefill(model, state, ids, chunk_size, progress, stop, params.max_new_tokens)
     yield from decode_tokens(model, state, logits, params, seen, stop)
 
 

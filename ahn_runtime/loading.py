@@ -54,7 +54,7 @@ def _source(base: str) -> tuple[str, dict]:
     raise AHNError(f"model not found: {base!r} is neither a local directory, a .gguf file nor a Hub id")
 
 
-def load_base(base: str, dtype: torch.dtype, device: str):
+def load_base(base: str, dtype: torch.dtype, device: str, quantization: str = "none", double_quant: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -75,7 +75,11 @@ def load_base(base: str, dtype: torch.dtype, device: str):
         tok = None
     if tok is not None and len(tok) < 2:  # transformers 5 builds an empty tokenizer for dirs without one
         tok = None
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if quantization != "none":  # from the CPU copy, one linear at a time: the device never holds bf16 weights
+        from .quantize import quantize_model
+        quantize_model(model, quantization, device, dtype, double_quant)
+    model.to(device)
     return model, tok
 
 
@@ -180,15 +184,24 @@ def build_memories(variant: str, base_cfg, tensors: dict[str, torch.Tensor], dty
 
 
 def load_model(base: str, ahn: str | None = None, config: RuntimeConfig | None = None, *,
-               dtype=None, device: str | None = None) -> AHNModel:
+               dtype=None, device: str | None = None, quantization: str | None = None,
+               double_quant: bool = True) -> AHNModel:
     """Load base + AHN. ahn: an AHN-only checkpoint directory, or None/'none' to use the AHN keys of a merged
-    checkpoint given as base (a plain base then loads without memory: modes 'window' and 'full' only)."""
+    checkpoint given as base (a plain base then loads without memory: modes 'window' and 'full' only).
+    quantization: 'nf4' / 'fp4' (4-bit, double quantization by default) or 'int8' for the base model's decoder
+    linears (bitsandbytes); None / 'none' keeps dtype. AHN weights stay in dtype."""
     config = config or RuntimeConfig()
     config.validate()
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AHNError("device 'cuda' requested but no CUDA GPU is available")
     dt = _resolve_dtype(dtype, device)
+    from .quantize import QUANTIZATIONS, bnb
+    quantization = quantization or "none"
+    if quantization not in QUANTIZATIONS:
+        raise AHNError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (got {quantization!r})")
+    if quantization != "none":
+        bnb()  # a clear error before anything is loaded
     ahn_dir = None if ahn in (None, "", "none", "None") else ahn
     if ahn_dir is not None and not os.path.isdir(ahn_dir):
         ahn_dir = fetch_ahn(ahn_dir)
@@ -196,8 +209,8 @@ def load_model(base: str, ahn: str | None = None, config: RuntimeConfig | None =
     if ahn_dir is not None:
         ahn_cfg = _read_json(os.path.join(ahn_dir, "config.json"))
         check_ahn_config(ahn_cfg, ahn_dir)
-    model, tok = load_base(base, dt, device)
-    info = {}
+    model, tok = load_base(base, dt, device, quantization, double_quant)
+    info = {"quantization": quantization}
     memories = None
     if ahn_dir is None and os.path.isdir(base):
         cfg = _read_json(os.path.join(base, "config.json")) if os.path.isfile(os.path.join(base, "config.json")) else {}
@@ -213,7 +226,7 @@ def load_model(base: str, ahn: str | None = None, config: RuntimeConfig | None =
                            + "; ".join(diff) + ")")
         variant = check_ahn_config(ahn_cfg, ahn_dir)
         memories, n = build_memories(variant, model.config, _ahn_tensors(ahn_dir), dt, device, ahn_dir)
-        info = {"variant": variant, "path": ahn_dir, "params": n,
+        info |= {"variant": variant, "path": ahn_dir, "params": n,
                 "config_sliding_window": ahn_cfg.get("sliding_window"),
                 "config_sinks": ahn_cfg.get("num_attn_sinks", 0)}
     logging.getLogger(__name__).info("loaded %s (+%s)", base, info.get("variant", "no AHN"))

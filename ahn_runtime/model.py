@@ -26,6 +26,7 @@ class RuntimeConfig:
     sinks: int = 128  # S: leading tokens always attended
     decode_exclusion: str = "consistent"  # or "official128" (spec §4.4)
     chunk_size: int = 2048
+    memory_limit: int | None = None  # bytes this model may use on its device (weights included); None = all free
 
     def validate(self):
         from .errors import AHNError
@@ -37,6 +38,8 @@ class RuntimeConfig:
             raise AHNError(f"decode_exclusion must be 'consistent' or 'official128' (got {self.decode_exclusion!r})")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise AHNError(f"chunk size must be an integer >= 1 (got {self.chunk_size!r})")
+        if self.memory_limit is not None and (not isinstance(self.memory_limit, int) or self.memory_limit <= 0):
+            raise AHNError(f"memory limit must be a positive number of bytes (got {self.memory_limit!r})")
 
 
 def rotate_half(x):
@@ -246,20 +249,46 @@ class AHNModel:
         state.pos = t + 1
         return self._logits(x, logits)
 
+    def decoder(self, state: SequenceState, max_tokens: int, graph: bool | None = None):
+        """A callable token -> next logits [V] for up to max_tokens decode steps: the fixed-shape step (a CUDA
+        graph on CUDA) where it applies, else the eager `step`."""
+        from .decode import EagerDecoder, StaticDecoder
+        static = self.device.type == "cuda" if graph is None else True
+        if static and (self.config.decode_exclusion == "consistent" or state.spec.window is None):
+            return StaticDecoder(self, state, max_tokens, graph=graph)
+        return EagerDecoder(self, state)
+
     # ---- convenience --------------------------------------------------------------------------------------
     def prefill(self, state: SequenceState, ids: torch.Tensor, chunk_size: int | None = None, logits: str = "last",
-                progress=None):
-        """Chunked prefill. logits: 'last' -> [1, V]; 'all' -> [T, V]; progress(done, total) after each chunk."""
+                progress=None, max_new_tokens: int = 0, check_memory: bool = True):
+        """Chunked prefill. logits: 'last' -> [1, V]; 'all' -> [T, V]; progress(done, total) after each chunk.
+        Refuses up front (AHNMemoryError, naming what fits instead) when the prompt plus max_new_tokens will
+        not fit in the device's memory; an out-of-memory during the prefill frees the state's buffers (the
+        state is then empty and must be dropped) and raises AHNMemoryError too."""
+        from .planning import AHNMemoryError, check_memory as check
         ids = torch.as_tensor(ids).reshape(-1)
         C = chunk_size or self.config.chunk_size
-        state.reserve(ids.shape[0], exact=True)  # one allocation for the whole prompt
-        outs = []
         T = ids.shape[0]
-        for s in range(0, T, C):
-            out = self.forward(state, ids[s:s + C], logits="all" if logits == "all" else
-                               ("last" if s + C >= T and logits == "last" else "none"))
-            if out is not None:
-                outs.append(out)
-            if progress is not None:
-                progress(min(T, s + C), T)
+        if check_memory:
+            check(self, state, T, max_new_tokens, C)
+        oom = None
+        try:
+            state.reserve(T, exact=True)  # one allocation for the whole prompt
+            outs = []
+            for s in range(0, T, C):
+                out = self.forward(state, ids[s:s + C], logits="all" if logits == "all" else
+                                   ("last" if s + C >= T and logits == "last" else "none"))
+                if out is not None:
+                    outs.append(out)
+                if progress is not None:
+                    progress(min(T, s + C), T)
+        except torch.OutOfMemoryError as e:
+            oom = (state.pos, str(e).splitlines()[0][:200])
+        if oom is not None:  # outside the except block: the failed frames' tensors are freed by now
+            outs = None
+            state.release()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise AHNMemoryError(f"out of memory during the prefill at token {oom[0]:,} of {T:,} ({oom[1]}); "
+                                 "the sequence's buffers were freed")
         return torch.cat(outs) if outs else None

@@ -137,6 +137,13 @@ class SequenceState:
         for g in self.gates:
             self.gates[g][:, :cap] = old_g[g]
 
+    def release(self) -> None:
+        """Drop every buffer and token (after a failed prefill): the state is empty afterwards."""
+        self.pos, self.rot = 0, 0
+        self._alloc(0)
+        if self.memory is not None:
+            self.memory.zero_()
+
     def linearize(self) -> None:
         """Undo decode-time ring rotation so window slots are sorted by position."""
         if self.rot == 0:

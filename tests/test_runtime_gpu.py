@@ -92,3 +92,108 @@ def test_head_dim_128_model_fla_vs_cpu(tmp_path):
     got, _ = run_logits(cu, ids.cuda(), decode_from=600, chunk=256)
     cos = torch.nn.functional.cosine_similarity(got.float().cpu(), ref, dim=-1)
     assert cos.min() > 0.995, cos.min()
+
+
+def _hd128_model(tmp_path, quantization="none", variant="GatedDeltaNet", window=64, sinks=4):
+    """A random Qwen2 with 128-dim heads on CUDA in bf16 (optionally 4-bit) with a random non-zero memory."""
+    from ahn_runtime import AHNModel, RuntimeConfig
+    from ahn_runtime.memory import VARIANTS
+    from ahn_runtime.quantize import quantize_model
+    d = tiny_random_model(str(tmp_path), "qwen2", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=1024, num_hidden_layers=3)
+    hf = copy.deepcopy(model_for(d, None).hf).to(torch.bfloat16)
+    if quantization != "none":
+        quantize_model(hf, quantization, "cuda", torch.bfloat16)
+    hf = hf.cuda()
+    mems = torch.nn.ModuleList([VARIANTS[variant](512, 4, 128) for _ in range(3)])
+    gen = torch.Generator().manual_seed(0)
+    for m in mems:
+        m.reset_parameters(gen)
+        m.o_proj.weight.data.normal_(0, 0.05, generator=gen)
+    return AHNModel(hf, mems.to(torch.bfloat16).cuda(), RuntimeConfig(window=window, sinks=sinks, chunk_size=128))
+
+
+@pytest.mark.parametrize("variant", ["GatedDeltaNet", "DeltaNet", "Mamba2"])
+@pytest.mark.parametrize("mode", ["ahn", "window", "full"])
+def test_cuda_graph_decode_matches_eager_step(tmp_path, variant, mode):
+    """Graph replay = the fixed-shape step run eagerly (same kernels), and close to the plain step (another
+    attention kernel), across window filling and eviction."""
+    from ahn_runtime.decode import StaticDecoder
+    m = _hd128_model(tmp_path, variant=variant)
+    ids = random_ids(200, vocab=512, seed=5).cuda()
+    s0 = m.new_state(mode)
+    m.prefill(s0, ids[:40])  # window not yet full: decode fills it, then evicts
+    a, b, c = s0.clone(), s0.clone(), s0.clone()
+    ga, gb = m.decoder(a, 160), m.decoder(b, 160, graph=False)
+    assert isinstance(ga, StaticDecoder) and ga.graphed and not gb.graphed
+    cos_min, same = 1.0, 0.0
+    for t in ids[40:].tolist():
+        la, lb = ga(t).clone(), gb(t)
+        lc = m.step(c, t)[-1]
+        assert (la - lb).abs().max() < 1e-3  # replay == eager fixed-shape step
+        cos_min = min(cos_min, torch.nn.functional.cosine_similarity(la.float(), lc.float(), 0).item())
+        same += float(la.argmax() == lc.argmax()) / 160
+    assert ga.graph is not None and a.pos == c.pos == 200
+    assert cos_min > 0.995 and same > 0.9, (cos_min, same)
+    if mode == "ahn":
+        assert a.compressed > 100 and rel(a.memory, c.memory) < 2e-2
+
+
+def test_cuda_graph_decode_with_4bit_weights(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from ahn_runtime.quantize import quantization_of
+    m = _hd128_model(tmp_path, quantization="nf4")
+    assert quantization_of(m.hf) == "nf4"
+    ids = random_ids(150, vocab=512, seed=6).cuda()
+    s = m.new_state("ahn")
+    m.prefill(s, ids[:100])
+    e = s.clone()
+    dec = m.decoder(s, 50)
+    for t in ids[100:].tolist():
+        la = dec(t).clone()
+        lb = m.step(e, t)[-1]
+        assert torch.nn.functional.cosine_similarity(la.float(), lb.float(), 0) > 0.995
+    assert dec.graph is not None  # the bitsandbytes 4-bit kernels were captured
+
+
+def test_prefill_out_of_memory_is_refused_or_caught_and_the_process_recovers(tmp_path):
+    """On a simulated small card: refused up front with what fits instead; with the check off, the OOM is caught,
+    the sequence's buffers are freed and the next request works."""
+    from ahn_runtime import AHNMemoryError
+    m = _hd128_model(tmp_path, window=256, sinks=4)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    ids = torch.randint(0, 512, (1_500_000,), device="cuda")
+    try:
+        torch.cuda.set_per_process_memory_fraction((base + (700 << 20)) / total)
+        st = m.new_state("full")
+        with pytest.raises(AHNMemoryError, match="What fits instead: AHN mode"):
+            m.prefill(st, ids)
+        assert st.capacity == 0
+        st = m.new_state("full")
+        with pytest.raises(AHNMemoryError, match="out of memory during the prefill"):
+            m.prefill(st, ids, chunk_size=8192, check_memory=False)
+        assert st.pos == 0 and st.capacity == 0
+        assert torch.cuda.memory_allocated() - base < 64 << 20  # freed
+        st = m.new_state("ahn")
+        m.prefill(st, ids[:300_000], chunk_size=8192)  # constant memory: fits
+        assert st.pos == 300_000
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.parametrize("mode", ["ahn", "full"])
+def test_memory_plan_bounds_the_measured_peak(tmp_path, mode):
+    from ahn_runtime import plan_memory
+    m = _hd128_model(tmp_path, window=4096, sinks=64)
+    m = m.with_config(type(m.config)(window=4096, sinks=64, chunk_size=2048))
+    ids = torch.randint(0, 512, (60_000,), device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    plan = plan_memory(m, mode, 60_000)
+    st = m.new_state(mode)
+    m.prefill(st, ids)
+    used = torch.cuda.max_memory_allocated() - base
+    assert used <= plan.need and used >= 0.3 * (plan.need - (256 << 20)), (used, plan)

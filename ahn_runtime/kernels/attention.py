@@ -219,3 +219,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     mask = None if keep is None else keep[None, :].expand(H // Hkv, -1)
     o, _ = _sdpa_lse(qg, k, v, scale, mask=mask)
     return o.reshape(1, H, D).to(q.dtype)
+
+
+def static_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                            split: int = 512) -> torch.Tensor:
+    """One query over a whole preallocated cache with fixed shapes (CUDA-graph friendly): invalid slots carry
+    bias -inf. q [1, H, D]; k, v [Hkv, N, D] with N a multiple of `split`; bias [N] float32. Returns [1, H, D].
+
+    Scores and softmax in float32; P @ V is split along the keys into N/split independent products that are
+    summed in float32, so the long reduction runs on many thread blocks at once."""
+    H, D = q.shape[1], q.shape[2]
+    Hkv, N = k.shape[0], k.shape[1]
+    G = H // Hkv
+    qg = q[0].reshape(Hkv, G, D)
+    s = torch.matmul(qg, k.transpose(1, 2)).float() * scale + bias  # [Hkv, G, N]
+    p = torch.softmax(s, -1).to(v.dtype)
+    if N % split or N == split:
+        o = torch.matmul(p, v).float()
+    else:
+        ns = N // split
+        pp = p.view(Hkv, G, ns, split).transpose(1, 2)  # [Hkv, ns, G, split]
+        o = torch.matmul(pp, v.view(Hkv, ns, split, D)).float().sum(1)  # [Hkv, G, D]
+    return o.reshape(1, H, D).to(q.dtype)

@@ -1,0 +1,168 @@
+"""Fixed-shape decode step, captured once as a CUDA graph and replayed for every token.
+
+`AHNModel.step` slices the cache to the valid slots and branches in Python on whether a token leaves the window,
+so its shapes and kernels change from token to token, and a decode step of a 3B model costs ~2,000 kernel
+launches. `StaticDecoder` computes the same step with shapes fixed for a whole answer:
+
+    - the state's buffers are reserved once for the answer (capacity rounded up to a multiple of `SPLIT`,
+      plus at least one scratch slot that is never attended);
+    - the position, the slot written and whether a token leaves the window live in small device tensors;
+    - attention covers the whole buffer with a -inf bias on empty slots (`static_decode_attention`);
+    - the memory update always runs and is kept only when a token left the window (torch.where, exact).
+
+On CUDA the step is captured into a CUDA graph (after two warm-up runs that write only the scratch slot) and
+replayed; elsewhere the same fixed-shape step runs eagerly (used by the CPU tests to check it against `step`).
+Decode with the official code's exclusion quirk (`official128`) is not supported here; `AHNModel.decoder` then
+returns the plain eager stepper.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .kernels.attention import static_decode_attention
+from .state import SequenceState
+
+SPLIT = 512
+log = logging.getLogger(__name__)
+
+
+class EagerDecoder:
+    """The plain per-token step (`AHNModel.step`), behind the decoder interface."""
+    graphed = False
+
+    def __init__(self, model, state: SequenceState):
+        self.model, self.state = model, state
+
+    def __call__(self, token: int) -> torch.Tensor:
+        return self.model.step(self.state, token)[-1]
+
+
+class StaticDecoder:
+    """Decode up to `max_tokens` tokens into `state` with fixed shapes; `graph` None = CUDA graph on CUDA.
+    Calling it with a token feeds that token and returns the next logits [V] float32 (a view into a static
+    buffer on CUDA: read it before the next call). Past `max_tokens`, it falls back to the eager step."""
+
+    def __init__(self, model, state: SequenceState, max_tokens: int, graph: bool | None = None):
+        if model.config.decode_exclusion != "consistent" and state.spec.window is not None:
+            raise ValueError("the static decoder implements the consistent decode semantics only")
+        self.model, self.state = model, state
+        dev = model.device
+        need = int(min(state.spec.max_slots, state.n_slots + max_tokens))
+        cap = -(-(need + 1) // SPLIT) * SPLIT  # + a scratch slot, rounded up
+        if state.capacity < cap or state.capacity % SPLIT:
+            _grow_exact(state, cap)
+        self.cap = state.capacity
+        self.scratch = self.cap - 1
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.evict = torch.zeros((), dtype=torch.bool, device=dev)
+        self.keep = torch.zeros((), dtype=model.dtype, device=dev)  # 1.0 when a token left the window
+        self.bias = torch.full((self.cap,), float("-inf"), dtype=torch.float32, device=dev)
+        self.bias[:state.n_slots] = 0.0
+        self._ptr = state.k.data_ptr()
+        self.graphed = dev.type == "cuda" if graph is None else graph
+        self.graph = None
+        self.out = None
+
+    # ---- the fixed-shape step -----------------------------------------------------------------------------
+    def _step(self) -> torch.Tensor:
+        m, st = self.model, self.state
+        mem = st.spec.has_memory
+        H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
+        G = H // Hkv
+        x = m.embed(self.tok)
+        cos, sin = m.rotary(x, self.pos)
+        cos, sin = cos[0], sin[0]
+        for l, layer in enumerate(m.layers):
+            xn = layer.input_layernorm(x)
+            q, k, v = m._qkv(layer, xn, cos, sin)
+            K, V = st.k[l], st.v[l]
+            if mem:
+                mod = m.memories[l]
+                gates = mod.gates(xn)
+                kw = K.index_select(1, self.slot).transpose(0, 1).repeat_interleave(G, dim=1)
+                vw = V.index_select(1, self.slot).transpose(0, 1).repeat_interleave(G, dim=1)
+                gw = {g: st.gates[g][l].index_select(0, self.slot) for g in gates}
+            K.index_copy_(1, self.slot, k.transpose(0, 1))
+            V.index_copy_(1, self.slot, v.transpose(0, 1))
+            if mem:
+                for g in gates:
+                    st.gates[g][l].index_copy_(0, self.slot, gates[g])
+            o = static_decode_attention(q, K, V, self.bias, m.scale, SPLIT)
+            if mem:
+                r, new = mod(q, kw, vw, gw, xn, st.memory[l])
+                st.memory[l].copy_(torch.where(self.evict, new, st.memory[l]))
+                o = o + r.view(1, H, D) * self.keep
+            x = m._finish_layer(layer, x, o)
+        return m._logits(x, "last")[-1]
+
+    def _set(self, token: int, pos: int, slot: int, evict: bool):
+        self.tok.fill_(int(token))
+        self.pos.fill_(pos)
+        self.slot.fill_(slot)
+        self.evict.fill_(evict)
+        self.keep.fill_(1.0 if evict else 0.0)
+
+    def _capture(self):
+        """Warm up (kernels choose their configs) on the scratch slot, with the memory update discarded, then
+        capture. The state's valid slots and memory are not changed."""
+        self._set(0, self.state.pos, self.scratch, False)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.out = self._step()
+        self.graph = g
+
+    # ---- one token ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, token: int) -> torch.Tensor:
+        st = self.state
+        S, W = st.spec.sinks, st.window
+        t = st.pos
+        if t < S:
+            slot, evict = t, False
+        elif st.win_len < W:
+            slot, evict = S + st.win_len, False
+        else:
+            slot, evict = S + st.rot, True
+        n_after = st.n_slots + (0 if evict else 1)
+        if slot >= self.scratch or n_after > self.scratch or st.k.data_ptr() != self._ptr:
+            return self.model.step(st, token)[-1]  # past the reserved answer length: eager
+        if self.graphed and self.graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # noqa: BLE001  a kernel that cannot be captured: stay eager
+                log.warning("CUDA graph capture failed (%s); decoding without a graph", e)
+                self.graphed = False
+                torch.cuda.synchronize()
+        self._set(token, t, slot, evict)
+        if not evict:
+            self.bias[n_after - 1:n_after].zero_()
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.out
+        else:
+            out = self._step()
+        if evict:
+            st.rot = (st.rot + 1) % int(W)
+        st.pos = t + 1
+        return out
+
+
+def _grow_exact(state: SequenceState, cap: int) -> None:
+    """Reallocate the state's buffers to exactly `cap` slots (keeping the valid ones)."""
+    n = state.n_slots
+    old_k, old_v, old_g = state.k, state.v, state.gates
+    state._alloc(cap)
+    state.k[:, :, :n] = old_k[:, :, :n]
+    state.v[:, :, :n] = old_v[:, :, :n]
+    for g in state.gates:
+        state.gates[g][:, :n] = old_g[g][:, :n]

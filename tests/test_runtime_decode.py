@@ -1,0 +1,69 @@
+"""The fixed-shape decode step (CUDA-graph form, here run eagerly on the CPU) = the plain per-token step: logits and
+final states, for every memory variant and mode, across sink filling, window filling and ring eviction."""
+import pytest
+import torch
+
+from ahn_runtime.decode import SPLIT, EagerDecoder, StaticDecoder
+from ahn_runtime.memory import VARIANTS
+from runtime_helpers import model_for, random_ids, tiny_random_model
+from test_runtime_variants import with_random_memory
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return tiny_random_model(str(tmp_path_factory.mktemp("qwen2")), "qwen2")
+
+
+def _states_equal(a, b, tol):
+    n = a.n_slots
+    assert (a.pos, a.rot, a.n_slots) == (b.pos, b.rot, b.n_slots)
+    assert (a.k[:, :, :n] - b.k[:, :, :n]).abs().max() <= tol
+    assert (a.v[:, :, :n] - b.v[:, :, :n]).abs().max() <= tol
+    for g in a.gates:
+        assert (a.gates[g][:, :n] - b.gates[g][:, :n]).abs().max() <= tol
+    if a.memory is not None:
+        assert (a.memory - b.memory).abs().max() <= tol * 10
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", ["ahn", "window", "full"])
+@pytest.mark.parametrize("prompt", [2, 10, 25, 60])
+def test_static_decoder_equals_step(qwen2_dir, variant, mode, prompt):
+    model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4), variant)
+    ids = random_ids(prompt + 40, vocab=512, seed=prompt)
+    a, b = model.new_state(mode), model.new_state(mode)
+    la = model.prefill(a, ids[:prompt])[-1]
+    model.prefill(b, ids[:prompt])
+    dec = model.decoder(b, 40, graph=False)
+    assert isinstance(dec, StaticDecoder) and b.capacity % SPLIT == 0
+    worst = 0.0
+    for t in ids[prompt:]:
+        la = model.step(a, int(t))[-1]
+        lb = dec(int(t))
+        worst = max(worst, float((la - lb).abs().max()))
+    assert worst < 2e-4, worst
+    assert a.compressed == b.compressed and (mode == "full" or a.compressed > 0 or prompt + 40 <= 20)
+    _states_equal(a, b, 1e-5)
+
+
+def test_static_decoder_falls_back_past_its_reservation(qwen2_dir):
+    model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4), "GatedDeltaNet")
+    ids = random_ids(30, vocab=512, seed=3)
+    a, b = model.new_state("full"), model.new_state("full")
+    model.prefill(a, ids[:5])
+    model.prefill(b, ids[:5])
+    dec = model.decoder(b, 2, graph=False)  # reserved for 2 tokens; the buffer rounds up to SPLIT slots
+    n = dec.scratch - b.n_slots + 3  # go past the scratch slot: the eager step takes over and grows the buffer
+    for i in range(n):
+        t = int(ids[5 + i % 25])
+        assert (model.step(a, t)[-1] - dec(t)).abs().max() < 2e-4
+    assert b.pos == a.pos and b.capacity > dec.cap
+
+
+def test_official_decode_uses_the_eager_step(qwen2_dir):
+    model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4, decode_exclusion="official128"),
+                               "GatedDeltaNet")
+    st = model.new_state("ahn")
+    model.prefill(st, random_ids(8, vocab=512))
+    assert isinstance(model.decoder(st, 4), EagerDecoder)
+    assert isinstance(model.decoder(st, 4, graph=False), EagerDecoder)
