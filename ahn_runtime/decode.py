@@ -12,16 +12,22 @@ launches. `StaticDecoder` computes the same step with shapes fixed for a whole a
 
 On CUDA the step is captured into a CUDA graph (after two warm-up runs that write only the scratch slot) and
 replayed; elsewhere the same fixed-shape step runs eagerly (used by the CPU tests to check it against `step`).
+Before capture, the memory update (plain PyTorch recurrence, ~40 small ops per layer) and the attention's
+softmax are compiled with torch.compile into a few fused kernels (one compiled function serves every layer:
+the layer's parameters are arguments); AHN_COMPILE=0 or a failed compile leaves them eager.
 Decode with the official code's exclusion quirk (`official128`) is not supported here; `AHNModel.decoder` then
 returns the plain eager stepper.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
+from .kernels import recurrent
 from .kernels.attention import static_decode_attention
+from .model import rms
 from .state import SequenceState
 
 SPLIT = 512
@@ -66,9 +72,24 @@ class StaticDecoder:
         self.graphed = dev.type == "cuda" if graph is None else graph
         self.graph = None
         self.out = None
+        self._mem_fn = _mem_step
+        self._attn_fn = static_decode_attention
+        if state.spec.has_memory:
+            self._params = [dict(mod.named_parameters()) for mod in model.memories]
+        self.compiled = False
+        if self.graphed and os.environ.get("AHN_COMPILE", "1") != "0":
+            self._mem_fn, self._attn_fn = _compiled(model)
+            self.compiled = True
 
     # ---- the fixed-shape step -----------------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
+        recurrent.FORCE_REFERENCE = True  # the T=1 recurrence as plain ops (no fla launch): fusable, capturable
+        try:
+            return self._layers()
+        finally:
+            recurrent.FORCE_REFERENCE = False
+
+    def _layers(self) -> torch.Tensor:
         m, st = self.model, self.state
         mem = st.spec.has_memory
         H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
@@ -77,7 +98,7 @@ class StaticDecoder:
         cos, sin = m.rotary(x, self.pos)
         cos, sin = cos[0], sin[0]
         for l, layer in enumerate(m.layers):
-            xn = layer.input_layernorm(x)
+            xn = rms(layer.input_layernorm, x)
             q, k, v = m._qkv(layer, xn, cos, sin)
             K, V = st.k[l], st.v[l]
             if mem:
@@ -91,11 +112,12 @@ class StaticDecoder:
             if mem:
                 for g in gates:
                     st.gates[g][l].index_copy_(0, self.slot, gates[g])
-            o = static_decode_attention(q, K, V, self.bias, m.scale, SPLIT)
+            o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
             if mem:
-                r, new = mod(q, kw, vw, gw, xn, st.memory[l])
-                st.memory[l].copy_(torch.where(self.evict, new, st.memory[l]))
-                o = o + r.view(1, H, D) * self.keep
+                r, new = self._mem_fn(m.memories[0], self._params[l], q, kw, vw, gw, xn, st.memory[l],
+                                      self.evict, self.keep)
+                st.memory[l].copy_(new)
+                o = o + r.view(1, H, D)
             x = m._finish_layer(layer, x, o)
         return m._logits(x, "last")[-1]
 
@@ -107,14 +129,24 @@ class StaticDecoder:
         self.keep.fill_(1.0 if evict else 0.0)
 
     def _capture(self):
-        """Warm up (kernels choose their configs) on the scratch slot, with the memory update discarded, then
-        capture. The state's valid slots and memory are not changed."""
+        """Warm up (compile; kernels choose their configs) on the scratch slot, with the memory update discarded,
+        then capture. The state's valid slots and memory are not changed."""
         self._set(0, self.state.pos, self.scratch, False)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
-                self._step()
+            try:
+                for _ in range(2):
+                    self._step()
+            except Exception as e:  # noqa: BLE001  the compiler failed: eager pieces, still graphed
+                if not self.compiled:
+                    raise
+                log.warning("torch.compile of the decode step failed (%s); using the eager pieces", e)
+                self._mem_fn, self._attn_fn, self.compiled = _mem_step, static_decode_attention, False
+                _COMPILED.clear()
+                _COMPILED["failed"] = True
+                for _ in range(2):
+                    self._step()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
@@ -155,6 +187,28 @@ class StaticDecoder:
             st.rot = (st.rot + 1) % int(W)
         st.pos = t + 1
         return out
+
+
+def _mem_step(template, params, q, kw, vw, gw, xn, S, evict, keep):
+    """One memory write (the token leaving the window) and read, with the layer's parameters; the update is kept
+    only where `evict`. Returns (memory output [1, H*D] * keep, new state [H, D, D] float32)."""
+    from torch.func import functional_call
+    r, new = functional_call(template, params, (q, kw, vw, gw, xn, S))
+    return r * keep, torch.where(evict, new, S)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model):
+    """torch.compile'd (_mem_step, static_decode_attention), made once per process (they do not depend on the
+    layer, and recompile by themselves for new shapes)."""
+    if _COMPILED.get("failed"):
+        return _mem_step, static_decode_attention
+    if not _COMPILED:
+        _COMPILED["mem"] = torch.compile(_mem_step, dynamic=False)
+        _COMPILED["attn"] = torch.compile(static_decode_attention, dynamic=False)
+    return _COMPILED["mem"], _COMPILED["attn"]
 
 
 def _grow_exact(state: SequenceState, cap: int) -> None:

@@ -125,15 +125,15 @@ def test_cuda_graph_decode_matches_eager_step(tmp_path, variant, mode):
     m.prefill(s0, ids[:40])  # window not yet full: decode fills it, then evicts
     a, b, c = s0.clone(), s0.clone(), s0.clone()
     ga, gb = m.decoder(a, 160), m.decoder(b, 160, graph=False)
-    assert isinstance(ga, StaticDecoder) and ga.graphed and not gb.graphed
+    assert isinstance(ga, StaticDecoder) and ga.graphed and not gb.graphed and not gb.compiled
     cos_min, same = 1.0, 0.0
     for t in ids[40:].tolist():
         la, lb = ga(t).clone(), gb(t)
         lc = m.step(c, t)[-1]
-        assert (la - lb).abs().max() < 1e-3  # replay == eager fixed-shape step
+        assert rel(la, lb) < 1e-2  # replay (compiled pieces) == eager fixed-shape step, up to bf16 rounding
         cos_min = min(cos_min, torch.nn.functional.cosine_similarity(la.float(), lc.float(), 0).item())
         same += float(la.argmax() == lc.argmax()) / 160
-    assert ga.graph is not None and a.pos == c.pos == 200
+    assert ga.graph is not None and ga.compiled and a.pos == c.pos == 200
     assert cos_min > 0.995 and same > 0.9, (cos_min, same)
     if mode == "ahn":
         assert a.compressed > 100 and rel(a.memory, c.memory) < 2e-2
