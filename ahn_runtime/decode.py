@@ -55,8 +55,7 @@ class StaticDecoder:
             raise ValueError("the static decoder implements the consistent decode semantics only")
         self.model, self.state = model, state
         dev = model.device
-        need = int(min(state.spec.max_slots, state.n_slots + max_tokens))
-        cap = -(-(need + 1) // SPLIT) * SPLIT  # + a scratch slot, rounded up
+        cap = decode_capacity(state.spec, state.n_slots, max_tokens)
         if state.capacity < cap or state.capacity % SPLIT:
             _grow_exact(state, cap)
         self.cap = state.capacity
@@ -187,6 +186,14 @@ class StaticDecoder:
             st.rot = (st.rot + 1) % int(W)
         st.pos = t + 1
         return out
+
+
+def decode_capacity(spec, n_slots: int, max_tokens: int) -> int:
+    """Buffer slots the static decoder needs for max_tokens more tokens: the slots then in use + a scratch slot,
+    rounded up to a multiple of SPLIT. (A prefill that knows the answer length reserves this up front, so the
+    decoder does not copy the buffers: that copy would briefly hold the KV cache twice.)"""
+    need = int(min(spec.max_slots, n_slots + max_tokens))
+    return -(-(need + 1) // SPLIT) * SPLIT
 
 
 def _mem_step(template, params, q, kw, vw, gw, xn, S, evict, keep):

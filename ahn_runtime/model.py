@@ -282,7 +282,14 @@ class AHNModel:
             check(self, state, T, max_new_tokens, C)
         oom = None
         try:
-            state.reserve(T, exact=True)  # one allocation for the whole prompt
+            if max_new_tokens and self.device.type == "cuda":  # the prompt and the static decoder's buffer
+                from .decode import _grow_exact, decode_capacity
+                state.linearize()
+                cap = decode_capacity(state.spec, int(min(state.spec.max_slots, state.n_slots + T)), max_new_tokens)
+                if state.capacity < cap:
+                    _grow_exact(state, cap)
+            else:
+                state.reserve(T, exact=True)  # one allocation for the whole prompt
             outs = []
             for s in range(0, T, C):
                 out = self.forward(state, ids[s:s + C], logits="all" if logits == "all" else

@@ -142,10 +142,12 @@ def plan_memory(model, mode: str, n_tokens: int, max_new_tokens: int = 0, state:
     """Predict whether feeding n_tokens (+ max_new_tokens of answer) into `state` (or a new state) fits."""
     pos = state.pos if state is not None else 0
     total = pos + n_tokens + max_new_tokens
-    slots = slots_for(model, mode, total)
+    slots = slots_for(model, mode, pos + n_tokens)
     if model.device.type == "cuda" and max_new_tokens:
-        from .decode import SPLIT
-        slots = -(-(slots + 1) // SPLIT) * SPLIT  # the static decoder's rounding
+        from .decode import decode_capacity
+        slots = decode_capacity(model.state_spec(mode), slots, max_new_tokens)
+    else:
+        slots = slots_for(model, mode, total)
     st_bytes = state_bytes(model, mode, slots)
     have = state.nbytes()["total"] if state is not None else 0
     C = min(chunk_size or model.config.chunk_size, max(1, n_tokens))
