@@ -14,9 +14,12 @@ from app import views
 from app.services.chat import ChatService, Finished, Notice, Partial, Progress, Status
 from app.services.errors import ServiceError
 from app.services.memory_monitor import MemoryMonitor
+from app.services.models import ModelService
 from app.services.sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
+AHN_MISSING_INFO = "AHN mode needs AHN weights (see the note above)."
+MODEL_STATUS_ID = "model-status-box"
 MODE_ALIASES = {"ahn": "ahn", "full": "full", "full attention": "full", "full_attention": "full",
                 "window": "window", "window only": "window", "window_only": "window", "sliding window": "window"}
 
@@ -49,7 +52,7 @@ class AppServices:
     chat: ChatService
     store: SessionStore
     monitor: MemoryMonitor
-    presets: list[dict]
+    models: ModelService
     export_dir: Path
 
 
@@ -64,8 +67,26 @@ class Handlers:
     def default_mode(self) -> str:
         return self.chat.default_mode()
 
-    def mode_choices(self) -> list[tuple[str, str]]:
-        return [(views.MODE_LABELS[m], m) for m in ("ahn", "full", "window") if m in self.engine.modes()]
+    def mode_choices(self, modes: list[str] | None = None) -> list[tuple[str, str]]:
+        modes = self.engine.modes() if modes is None else modes
+        return [(views.MODE_LABELS[m], m) for m in ("ahn", "full", "window") if m in modes]
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        return [(o["label"], o["id"]) for o in self.s.models.options()]
+
+    def model_view(self, mode: str | None = None) -> tuple:
+        """What the page shows of the loaded model: header, mode choices, compare button, model menu, models
+        table, and the loaded model's key (the tab's gr.State, so that a tab notices a switch made elsewhere)."""
+        cur = self.engine.current  # one model for all of it, even if another one is being swapped in
+        modes = self.engine.modes(cur)
+        mode = mode if mode in modes else ("ahn" if "ahn" in modes else "window")
+        options = self.s.models.options()
+        return (views.header_html(cur.info.to_json(), modes),
+                gr.update(choices=self.mode_choices(modes), value=mode,
+                          info=None if "ahn" in modes else AHN_MISSING_INFO),
+                gr.update(interactive="ahn" in modes),
+                gr.update(choices=[(o["label"], o["id"]) for o in options], value=self.s.models.loaded_id),
+                views.presets_md(options), cur.key)
 
     def _docs(self, session: Session, mode: str | None = None) -> str:
         if not session.documents and not session.upload_errors and not session.pending:
@@ -85,19 +106,19 @@ class Handlers:
 
     # ---- page load ----------------------------------------------------------------------------------------
     def restore(self, tab_id: str):
-        """The tab's session (restored after a reload), everything shown from it, and the memory panel's timer
-        (started now, so that its refreshes always see the tab's session)."""
+        """The tab's session (restored after a reload), everything shown from it and from the loaded model, and
+        the memory panel's timer (started now, so that its refreshes always see the tab's session)."""
         session = self.s.store.for_tab(tab_id if isinstance(tab_id, str) else None)
-        mode = session.mode if session.mode in self.engine.modes() else self.default_mode
+        model_view = self.model_view(session.mode)  # the mode is the session's, if this model has it
         lines = []
         if session.messages or session.documents:
             lines.append(("ok", "Restored this tab's documents and chat."))
         for e in session.upload_errors:
             lines.append(("warning", e["error"]))
         return (session, views.chat_messages(session.messages), views.status_html(lines),
-                self._docs(session, mode), gr.update(value=mode),
-                gr.update(visible=bool(session.pending)), views.compare_html(session.compare),
-                views.memory_html(self.s.monitor.snapshot(session)), gr.update(active=True))
+                self._docs(session, model_view[1]["value"]), gr.update(visible=bool(session.pending)),
+                views.compare_html(session.compare), views.memory_html(self.s.monitor.snapshot(session)),
+                *model_view, gr.update(active=True))
 
     # ---- documents ----------------------------------------------------------------------------------------
     def upload(self, files, mode, session):
@@ -310,6 +331,44 @@ class Handlers:
     def memory(self, session):
         return views.memory_html(self.s.monitor.snapshot(session if isinstance(session, Session) else None))
 
+    def tick(self, session, shown_key, mode):
+        """The memory panel, and the model shown when another tab (or an API client) loaded another one.
+        Outputs: memory panel, header, mode, compare button, model menu, models table, shown model key."""
+        if shown_key == self.engine.model_key:
+            return (self.memory(session), *([gr.skip()] * 5), shown_key)
+        return (self.memory(session), *self.model_view(mode))
+
+    # ---- model menu ---------------------------------------------------------------------------------------
+    def load_model(self, name, mode):
+        """Load another model (a preset) for everyone. Outputs: model status, then what model_view updates."""
+        keep = (gr.skip(),) * 6
+        lines: list[tuple[str, str]] = []
+        try:
+            events = self.s.models.load(name)
+        except ServiceError as e:
+            gr.Warning(str(e))
+            yield views.status_html([("warning", str(e))], box_id=MODEL_STATUS_ID), *keep
+            return
+        progress = ""
+        try:
+            for ev in events:
+                if isinstance(ev, Status) and ev.transient:
+                    progress = views.status_line("info", ev.text)
+                elif isinstance(ev, Status):
+                    lines.append(("ok" if ev.text.startswith("Loaded") else "info", ev.text))
+                    progress = ""
+                elif isinstance(ev, Finished):
+                    yield views.status_html(lines, box_id=MODEL_STATUS_ID), *self.model_view(mode)
+                    return
+                yield views.status_html(lines, progress, box_id=MODEL_STATUS_ID), *keep
+        except ServiceError as e:
+            gr.Warning(str(e))
+            lines.append(("error", str(e)))
+        except Exception as e:  # noqa: BLE001
+            log.exception("model load failed")
+            lines.append(("error", f"Loading the model failed: {type(e).__name__}: {e}"))
+        yield views.status_html(lines, box_id=MODEL_STATUS_ID), *self.model_view(mode)
+
     # ---- API (named endpoints) ----------------------------------------------------------------------------
     def api_upload(self, files, password, session):
         """Add files to this client's session; returns the document summary (JSON)."""
@@ -368,4 +427,14 @@ class Handlers:
 
     def api_info(self):
         return {"model": self.engine.info.to_json(), "modes": self.engine.modes(),
-                "budgets": {m: vars(self.engine.budget(m)) for m in self.engine.modes()}}
+                "budgets": {m: vars(self.engine.budget(m)) for m in self.engine.modes()},
+                "loaded": self.s.models.loaded_id, "options": self.s.models.options()}
+
+    def api_load_model(self, preset):
+        """Load a preset (or 'launched') in place of the current model; returns the loaded model, its modes and
+        the menu (JSON). Errors (unknown preset, not loadable here, load failed) raise, and the previous model
+        stays loaded."""
+        try:
+            return self.s.models.load_now(str(preset or ""))
+        except ServiceError as e:
+            raise gr.Error(str(e)) from None

@@ -1,7 +1,6 @@
 """Wiring the services together and starting the Gradio server (used by launch.py and the tests)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -17,7 +16,8 @@ from app.services.chat import ChatService  # noqa: E402
 from app.services.documents import MB  # noqa: E402
 from app.services.engine_service import EngineService  # noqa: E402
 from app.services.memory_monitor import MemoryMonitor  # noqa: E402
-from app.services.presets import ModelChoice, load_presets  # noqa: E402
+from app.services.models import ModelService  # noqa: E402
+from app.services.presets import PRESETS_FILE, ModelChoice, load_presets  # noqa: E402
 from app.services.sessions import SessionStore  # noqa: E402
 from app.services.state_cache import StateCache  # noqa: E402
 
@@ -35,6 +35,7 @@ class Settings:
     models_dir: Path | None = None
     max_new_tokens: int = 512
     inbrowser: bool = False
+    presets_file: Path = PRESETS_FILE  # the models offered in the page's model menu
 
     @property
     def models_path(self) -> Path:
@@ -53,8 +54,8 @@ def build_services(choice: ModelChoice, settings: Settings, log_fn: Callable[[st
                        default_max_new_tokens=settings.max_new_tokens)
     export_dir = Path(tempfile.gettempdir()) / "ahn-longdoc-exports"
     export_dir.mkdir(parents=True, exist_ok=True)
-    presets = [dataclasses.asdict(p) for p in load_presets().presets.values()]
-    return AppServices(chat=chat, store=store, monitor=monitor, presets=presets, export_dir=export_dir)
+    models = ModelService(engine, cache, load_presets(settings.presets_file), choice, settings.models_path)
+    return AppServices(chat=chat, store=store, monitor=monitor, models=models, export_dir=export_dir)
 
 
 def make_demo(services):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import views
-from app.handlers import Handlers
+from app.handlers import AHN_MISSING_INFO, Handlers
 from app.services.sessions import Session
 
 # A per-tab id kept in sessionStorage: it survives a reload of the tab but is not shared with other tabs.
@@ -30,7 +30,7 @@ def theme() -> gr.themes.Base:
 
 
 def build_ui(h: Handlers) -> gr.Blocks:
-    info = h.engine.info.to_json()
+    header_html, _, _, _, models_md_text, model_key_value = h.model_view()
     modes = h.engine.modes()
     private = {"api_visibility": "private"}
     with gr.Blocks(title="Long-document chat (AHN)", analytics_enabled=False) as demo:
@@ -41,9 +41,15 @@ def build_ui(h: Handlers) -> gr.Blocks:
         # API clients (gradio_client) run no load event: each connection gets a fresh session of its own
         api_session = gr.State(Session)  # (a Session deep-copies as itself)
         tab_id = gr.Textbox(visible=False)
-        gr.HTML(views.header_html(info, modes))
+        # the key of the model this tab shows: a switch made in another tab is picked up by the timer
+        model_key = gr.State(model_key_value)
+        header = gr.HTML(header_html, elem_id="model-header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=280):
+                model_dd = gr.Dropdown(h.model_choices(), value=h.s.models.loaded_id, label="Model", elem_id="model",
+                                       info="Loaded for all tabs, one model at a time (details under Models).")
+                load_btn = gr.Button("Load model", size="sm", elem_id="load-model")
+                model_status = gr.HTML("", elem_id="model-status")
                 files = gr.File(label="Add documents (PDF, .txt, .md)", file_count="multiple",
                                 file_types=FILE_TYPES, elem_id="upload")
                 with gr.Row(visible=False, elem_id="password-row") as pw_row:
@@ -54,7 +60,7 @@ def build_ui(h: Handlers) -> gr.Blocks:
                 clear_docs_btn = gr.Button("Remove all documents", size="sm", elem_id="clear-docs")
             with gr.Column(scale=7, min_width=360):
                 mode = gr.Radio(h.mode_choices(), value=h.default_mode, label="Mode", elem_id="mode",
-                                info=None if "ahn" in modes else "AHN mode needs AHN weights (see the note above).")
+                                info=None if "ahn" in modes else AHN_MISSING_INFO)
                 chatbot = gr.Chatbot(label="Chat", height=470, elem_id="chat", buttons=["copy"],
                                      placeholder="Add documents, then ask a question. Answers cite pages like "
                                                  "[Page 3].")
@@ -77,25 +83,31 @@ def build_ui(h: Handlers) -> gr.Blocks:
                                         label="Max answer tokens", elem_id="max-new")
                     temperature = gr.Slider(0, 1.5, value=0, step=0.05, label="Temperature (0 = greedy)")
                 with gr.Accordion("Models", open=False):
-                    gr.Markdown(views.presets_md(h.s.presets, info["name"]))
+                    models_md = gr.Markdown(models_md_text, elem_id="models-table")
             with gr.Column(scale=4, min_width=280):
                 memory = gr.HTML(h.memory(None), elem_id="memory-panel")
         timer = gr.Timer(1.0, active=False)  # started by `restore`, once the tab's session is known
 
-        # hidden components of the scripting API (gradio_client): /upload, /ask, /memory, /stop, /compare
+        # hidden components of the scripting API (gradio_client): /upload, /ask, /memory, /stop, /compare, /info,
+        # /load_model
         with gr.Group(visible=False):
             api_files = gr.File(file_count="multiple", label="files")
             api_password = gr.Textbox(value="", label="password")
             api_question = gr.Textbox(label="question")
             api_mode = gr.Textbox(value=h.default_mode, label="mode")
             api_max_new = gr.Number(value=h.chat.default_max_new_tokens, precision=0, label="max_new_tokens")
+            api_preset = gr.Textbox(label="preset")
             api_json = gr.JSON(label="result")
             api_text = gr.Textbox(label="answer")
-            api_btns = [gr.Button(visible=False) for _ in range(6)]
+            api_btns = [gr.Button(visible=False) for _ in range(7)]
 
+        model_view = [header, mode, compare_btn, model_dd, models_md, model_key]  # what depends on the model
         # ---- page load: this tab's session (restored after a reload)
-        demo.load(h.restore, [tab_id], [session, chatbot, status, docs, mode, pw_row, cmp, memory, timer],
+        demo.load(h.restore, [tab_id], [session, chatbot, status, docs, pw_row, cmp, memory, *model_view, timer],
                   js=TAB_ID_JS, api_name="ui_restore", **private)
+        # ---- model menu (one switch at a time; it waits for running answers in the model's queue)
+        load_btn.click(h.load_model, [model_dd, mode], [model_status, *model_view], api_name="ui_load_model",
+                       concurrency_limit=4, concurrency_id="model", show_progress="hidden", **private)
         # ---- documents
         proc_out = [status, docs, pw_row, pw, files]
         work = dict(concurrency_limit=16, concurrency_id="work", show_progress="hidden", **private)
@@ -118,8 +130,8 @@ def build_ui(h: Handlers) -> gr.Blocks:
                           **work)
         export_md_btn.click(h.export_markdown, [session], [export_file], api_name="ui_export_md", **private)
         export_json_btn.click(h.export_json, [session], [export_file], api_name="ui_export_json", **private)
-        # ---- live memory panel (about once a second, also while generating)
-        timer.tick(h.memory, [session], [memory], api_name="ui_memory", **control)
+        # ---- live memory panel (about once a second, also while generating); a model loaded elsewhere
+        timer.tick(h.tick, [session, model_key, mode], [memory, *model_view], api_name="ui_memory", **control)
 
         # ---- API
         api = dict(api_visibility="public")
@@ -135,6 +147,8 @@ def build_ui(h: Handlers) -> gr.Blocks:
                           concurrency_limit=16, concurrency_id="work", **api)
         api_btns[5].click(h.api_info, None, [api_json], api_name="info", concurrency_limit=None,
                           concurrency_id="control", **api)
+        api_btns[6].click(h.api_load_model, [api_preset], [api_json], api_name="load_model", concurrency_limit=4,
+                          concurrency_id="model", **api)
     for fn in demo.fns.values():  # the per-connection Session factory is no API endpoint
         if fn.fn is Session:
             fn.api_visibility = "private"

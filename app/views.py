@@ -53,13 +53,18 @@ def header_html(info: dict, modes: list[str]) -> str:
             f"<div class='model-line'>{' · '.join(bits)}</div>{''.join(notes)}</div>")
 
 
-def presets_md(presets: list[dict], current: str) -> str:
-    rows = ["| preset | model | needs | |", "|---|---|---|---|"]
-    for p in presets:
-        mark = "**(running)**" if p["name"] == current else f"`python launch.py --preset {p['name']}`"
-        rows.append(f"| `{p['name']}` | {p['base_name']} + {p.get('variant') or 'our AHN'} | "
-                    f"{'CUDA GPU' if p['device'] == 'cuda' else 'CPU or GPU'} | {mark} |")
-    return "\n".join(rows) + "\n\nAny base + AHN pair: `python launch.py --base ID_OR_PATH --ahn DIR`."
+def presets_md(options: list[dict]) -> str:
+    """The model menu's entries (ModelService.options) as a table: what each is and needs on this machine."""
+    rows = ["| model | base + AHN | window + sinks | here |", "|---|---|---|---|"]
+    for o in options:
+        here = "**loaded**" if o["loaded"] else (o["status"] if o["available"] else f"✖ {o['reason']}")
+        if o["needs"] and o["available"]:
+            here += " · " + "; ".join(o["needs"])
+        ahn = o.get("variant") or ("our AHN" if o["id"] != "launched" else "no AHN weights")
+        rows.append(f"| `{o['name']}` | {o['base_name']} + {ahn} | {o['window']:,} + {o['sinks']} | {here} |")
+    return ("\n".join(rows) + "\n\nChoose a model above and press **Load** (one model is loaded at a time; "
+            "documents are processed again for it at the next question). Any other base + AHN pair: "
+            "`python launch.py --base ID_OR_PATH --ahn DIR`.")
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -87,11 +92,11 @@ def status_line(level: str, text: str) -> str:
     return f"<div class='msg {level}'>{esc(text)}</div>"
 
 
-def status_html(lines: list[tuple[str, str]], progress: str = "") -> str:
+def status_html(lines: list[tuple[str, str]], progress: str = "", box_id: str = "status-box") -> str:
     """lines: (level, text) with level info|warning|error|ok."""
     icons = {"info": "", "warning": "⚠", "error": "✖", "ok": "✓"}
     items = "".join(f"<div class='msg {lvl}'>{icons.get(lvl, '')} {esc(t)}</div>" for lvl, t in lines[-8:])
-    return f"<div id='status-box'>{progress}{items}</div>"
+    return f"<div id='{box_id}'>{progress}{items}</div>"
 
 
 # ------------------------------------------------------------------------------------------------ documents

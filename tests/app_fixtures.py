@@ -128,5 +128,17 @@ def build_services(base, ahn, tmp: Path, *, window=32, sinks=4, chunk_size=128, 
     return build(choice, settings, lambda msg: None)
 
 
-__all__ = ["FACTS", "LaunchedApp", "launch_app", "stop_app", "make_documents", "build_services", "free_port",
-           "smollm2_gguf", "tiny_ahn_model", "APP_MODELS_DIR", "ROOT"]
+def build_preset_services(preset: str, presets_file: Path, tmp: Path, *, max_upload_mb=1.0, max_new_tokens=8):
+    """Real services started with a preset of a presets file of our own (as `launch.py --preset NAME`)."""
+    from app.server import Settings
+    from app.server import build_services as build
+    from app.services.presets import choose, load_presets
+    choice = choose(preset=preset, presets=load_presets(presets_file),
+                    device=os.environ.get("AHN_APP_TEST_DEVICE", "cpu"))
+    settings = Settings(cache_dir=tmp / "cache", models_dir=APP_MODELS_DIR, max_upload_mb=max_upload_mb,
+                        max_new_tokens=max_new_tokens, presets_file=presets_file)
+    return build(choice, settings, lambda msg: None)
+
+
+__all__ = ["FACTS", "LaunchedApp", "launch_app", "stop_app", "make_documents", "build_services",
+           "build_preset_services", "free_port", "smollm2_gguf", "tiny_ahn_model", "APP_MODELS_DIR", "ROOT"]

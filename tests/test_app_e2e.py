@@ -66,9 +66,31 @@ def test_launcher_refuses_quantization_on_cpu():
 def test_api_named_endpoints(app):
     api = client(app).view_api(return_format="dict", print_info=False)
     named = api["named_endpoints"]
-    assert {"/upload", "/ask", "/memory", "/stop", "/compare", "/info"} <= set(named)
+    assert {"/upload", "/ask", "/memory", "/stop", "/compare", "/info", "/load_model"} <= set(named)
     assert not any(k.startswith("/ui_") for k in named)  # UI events are not part of the API
     assert [p["parameter_name"] for p in named["/ask"]["parameters"]] == ["question", "mode", "max_new_tokens"]
+    assert [p["parameter_name"] for p in named["/load_model"]["parameters"]] == ["preset"]
+
+
+def test_api_model_menu_and_refused_loads_keep_the_model(app):
+    """The model menu over the API; loads that cannot happen say why and leave the model as it is (no real
+    switch here: the other tests share this app's model)."""
+    from gradio_client.exceptions import AppError
+    c = client(app)
+    info = c.predict(api_name="/info")
+    options = {o["id"]: o for o in info["options"]}
+    assert info["loaded"] == "launched" and options["launched"]["loaded"]  # started with --base: its own entry
+    assert {f"qwen2.5-{s}-ahn-{v}" for s in ("3b", "7b", "14b") for v in ("gdn", "dn", "mamba2")} <= set(options)
+    assert "smollm2-135m-ahn" in options
+    with pytest.raises(AppError, match="unknown preset 'nope'"):
+        c.predict("nope", api_name="/load_model")
+    if info["model"]["device"] == "cpu":
+        assert options["qwen2.5-14b-ahn-gdn"]["status"] == "needs a CUDA GPU"
+        with pytest.raises(AppError, match="needs a CUDA GPU"):
+            c.predict("qwen2.5-14b-ahn-gdn", api_name="/load_model")
+    same = c.predict("launched", api_name="/load_model")
+    assert same["changed"] is False and same["model"] == info["model"]
+    assert c.predict(api_name="/info")["model"] == info["model"]
 
 
 def test_api_upload_ask_stream_memory(app, docs):

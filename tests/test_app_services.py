@@ -502,3 +502,206 @@ def test_memory_snapshot_and_series(chat, tmp_path):
     html = views.memory_html(snap)
     assert "mem-plot" in html and "polyline" in html and "Tokens processed" in html
     json.dumps(snap)  # the /memory endpoint returns it as JSON
+
+
+# ------------------------------------------------------------------------------------------------ model switching
+@pytest.fixture(scope="module")
+def presets_file(tmp_path_factory):
+    """Presets of our own around the tiny model: two loadable ones (GatedDeltaNet and DeltaNet AHN weights, other
+    window/sinks), one whose base folder is missing, one whose base folder is not a model, one for CUDA only."""
+    from app_models import oracle_dir
+    tmp = tmp_path_factory.mktemp("presets")
+    base, gdn = tiny_ahn_model(tmp)
+    (tmp / "not-a-model").mkdir()
+    common = {"base": str(base), "base_name": "tiny-base", "quantization": "none", "device": "any"}
+    doc = {"default_cpu": "tiny-gdn", "default_gpu": "tiny-gdn", "presets": {
+        "tiny-gdn": {**common, "description": "tiny + GDN", "ahn": str(gdn), "variant": "GatedDeltaNet",
+                     "window": 32, "sinks": 4, "chunk_size": 128},
+        "tiny-dn": {**common, "description": "tiny + DN", "ahn": str(oracle_dir("ahn_dn")), "variant": "DeltaNet",
+                    "window": 24, "sinks": 2, "chunk_size": 64},
+        "tiny-missing": {**common, "description": "gone", "base": str(tmp / "deleted-model"), "ahn": str(gdn),
+                         "variant": "GatedDeltaNet", "window": 32, "sinks": 4, "chunk_size": 128},
+        "tiny-broken": {**common, "description": "no model in it", "base": str(tmp / "not-a-model"), "ahn": None,
+                        "variant": None, "window": 32, "sinks": 4, "chunk_size": 128},
+        "big-gpu": {**common, "description": "CUDA only", "base": "Qwen/Qwen2.5-14B-Instruct",
+                    "ahn": "ByteDance-Seed/AHN-GDN-for-Qwen-2.5-Instruct-14B", "variant": "GatedDeltaNet",
+                    "window": 32640, "sinks": 128, "chunk_size": 4096, "device": "cuda"},
+    }}
+    path = tmp / "presets.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture
+def switchable(presets_file, tmp_path):
+    """Fresh services started with preset tiny-gdn (each test switches its model)."""
+    from app_fixtures import build_preset_services
+    return build_preset_services("tiny-gdn", presets_file, tmp_path)
+
+
+def test_model_menu_and_switching_between_presets(switchable, docs):
+    import gc
+    import weakref
+
+    from app.handlers import Handlers
+    from app.server import make_demo
+    svc, chat = switchable, switchable.chat
+    engine = chat.engine
+    opts = {o["id"]: o for o in svc.models.options()}
+    assert opts["tiny-gdn"]["loaded"] and "loaded" in opts["tiny-gdn"]["label"]
+    assert opts["tiny-dn"]["available"] and opts["tiny-dn"]["status"] == "local weights present"
+    assert not opts["big-gpu"]["available"] and "needs a CUDA GPU" in opts["big-gpu"]["reason"]
+    assert not opts["tiny-missing"]["available"] and "missing" in opts["tiny-missing"]["reason"]
+    assert "launched" not in opts  # started as a plain preset: no entry of its own
+    h = Handlers(svc)
+    shown = h.model_view()[-1]
+    assert h.tick(None, shown, "ahn")[1:6] == (gr_skip(),) * 5  # nothing to refresh
+    fns = {fn.api_name: fn for fn in make_demo(svc).fns.values()}  # the page's wiring fits the handlers
+    assert len(h.restore("tab-dddddddd")) == len(fns["ui_restore"].outputs)
+    assert len(h.tick(None, "", "ahn")) == len(fns["ui_memory"].outputs)
+    assert all(len(out) == len(fns["ui_load_model"].outputs) for out in h.load_model("tiny-gdn", "ahn"))
+
+    s = Session()
+    upload(chat, s, docs["txt"], mode="ahn")
+    gdn_key = s.prepared["ahn"]
+    assert of(Partial, drain(chat.ask(s, "Who was the keeper?", "ahn", max_new_tokens=5)))
+    old = weakref.ref(engine.model)
+
+    evs = drain(svc.models.load("tiny-dn"))
+    res = of(Finished, evs)[-1].result
+    assert res["changed"] and res["loaded"] == "tiny-dn" and res["model"]["variant"] == "DeltaNet"
+    assert (res["model"]["window"], res["model"]["sinks"]) == (24, 2) and res["modes"] == ["ahn", "full", "window"]
+    assert any("Loading tiny-base + AHN weights" in e.text for e in of(Status, evs))
+    assert engine.info.name == "tiny-dn" and engine.model.variant == "DeltaNet" and engine.generation == 1
+    assert chat.engine is engine and svc.monitor.engine is engine  # every service sees the new model
+    gc.collect()
+    assert old() is None, "the previous model is still referenced"
+    assert {o["id"]: o["loaded"] for o in svc.models.options()}["tiny-dn"]
+
+    # answers stream with the new model; the session's documents are processed again for it, once
+    evs = drain(chat.ask(s, "And the stew?", "ahn", max_new_tokens=5))
+    assert [e for e in of(Progress, evs) if e.stage == "prefill"]
+    assert of(Partial, evs) and of(Finished, evs)[-1].result["stats"]["tokens"] == 5
+    assert s.prepared["ahn"] != gdn_key and s.model_key == engine.model_key
+    evs = drain(chat.ask(s, "Anything else?", "window", max_new_tokens=3))
+    assert any("sees the last 24 tokens" in e.text for e in of(Notice, evs))  # the new model's window
+    # a tab showing the old model picks up the switch at its next timer tick
+    out = h.tick(None, shown, "ahn")
+    assert "tiny-dn" in out[1] and "DeltaNet" in out[1] and out[-1] == engine.model_key != shown
+    assert out[4]["value"] == "tiny-dn" and "**loaded**" in out[5]
+
+    # the same model again: nothing to do
+    res = svc.models.load_now("tiny-dn")
+    assert res["changed"] is False and engine.generation == 1
+    # back to the first model: its processed states are still on disk, no prefill
+    assert h.api_load_model("tiny-gdn")["model"]["variant"] == "GatedDeltaNet" and engine.generation == 2
+    evs = drain(chat.ask(s, "Keeper again?", "ahn", max_new_tokens=3))
+    assert not [e for e in of(Progress, evs) if e.stage == "prefill"] and s.prepared["ahn"] == gdn_key
+    assert any("loaded from cache" in e.text for e in of(Status, evs))
+
+
+def gr_skip():
+    import gradio as gr
+    return gr.skip()
+
+
+def test_failed_model_load_keeps_the_previous_model(switchable, docs):
+    import gradio as gr
+
+    from app.handlers import Handlers
+    svc, chat = switchable, switchable.chat
+    engine = chat.engine
+    model, key = engine.model, engine.model_key
+    s = Session()
+    upload(chat, s, docs["md"], mode="ahn")
+    # refused before anything is loaded: unknown, missing files, no GPU
+    with pytest.raises(ServiceError, match="unknown preset 'nope'"):
+        svc.models.load("nope")
+    with pytest.raises(ServiceError, match=r"tiny-missing cannot be loaded here: base model files missing .*"
+                                           r"keeps using tiny-gdn"):
+        svc.models.load("tiny-missing")
+    with pytest.raises(ServiceError, match="needs a CUDA GPU"):
+        svc.models.load("big-gpu")
+    # the loader itself fails: a folder that holds no model
+    with pytest.raises(ServiceError, match=r"Could not load tiny-broken: .*no config\.json.*"
+                                           r"The app keeps using tiny-gdn"):
+        drain(svc.models.load("tiny-broken"))
+    # out of memory while loading: the current model stays, with advice
+    engine.fault_hook = lambda where: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")) \
+        if where == "load" else None
+    try:
+        with pytest.raises(ServiceError, match=r"not enough memory .* python launch\.py --preset tiny-dn"):
+            drain(svc.models.load("tiny-dn"))
+    finally:
+        engine.fault_hook = None
+    assert engine.model is model and engine.model_key == key and engine.generation == 0
+    assert svc.models.loaded_id == "tiny-gdn" and engine.queue_length == 0 and engine.loading is None
+    # the page and the API say so too
+    h = Handlers(svc)
+    last = list(h.load_model("tiny-broken", "ahn"))[-1]
+    assert "Could not load tiny-broken" in last[0] and "tiny-gdn" in last[1]
+    with pytest.raises(gr.Error, match="needs a CUDA GPU"):
+        h.api_load_model("big-gpu")
+    # and the previous model still answers, from the processed state (no prefill)
+    evs = drain(chat.ask(s, "What does the ticket cost?", "ahn", max_new_tokens=4))
+    assert of(Partial, evs) and not [e for e in of(Progress, evs) if e.stage == "prefill"]
+    assert of(Finished, evs)[-1].result["stats"]["tokens"] == 4
+
+
+def test_switch_waits_for_the_running_answer_and_sessions_reprocess(switchable, docs):
+    """A switch takes its turn in the model's queue: it waits for the running answer; a question queued behind
+    it runs on the new model, and each session's documents are processed again for that model."""
+    chat, engine = switchable.chat, switchable.chat.engine
+    a, b = Session(), Session()
+    upload(chat, a, docs["md"], mode="ahn")
+    upload(chat, b, docs["txt"], mode="ahn")
+    old_tokens = chat.summary(b)["total_tokens"]
+    gate = threading.Event()
+    engine.fault_hook = lambda where: gate.wait(60) if where == "decode" else None  # holds a's answer
+    got: dict[str, list] = {"a": [], "switch": [], "b": []}
+    errors = []
+
+    def run(name, events):
+        try:
+            for ev in events:
+                got[name].append(ev)
+        except Exception as e:  # noqa: BLE001
+            errors.append((name, e))
+
+    def wait_for(cond, what):
+        t0 = time.time()
+        while not cond():
+            assert time.time() - t0 < 60 and not errors, f"{what}: {errors}"
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=run, args=("a", chat.ask(a, "Long answer?", "ahn", max_new_tokens=4)))]
+    threads[0].start()
+    try:
+        wait_for(lambda: a.run is not None and a.run.phase == "generating", "a's answer did not start")
+        threads.append(threading.Thread(target=run, args=("switch", switchable.models.load("tiny-dn"))))
+        threads[-1].start()
+        wait_for(lambda: any("Waiting for 1 request to finish" in getattr(e, "text", "") for e in got["switch"]),
+                 "the switch did not wait for the running answer")
+        threads.append(threading.Thread(target=run, args=("b", chat.ask(b, "Keeper?", "ahn", max_new_tokens=3))))
+        threads[-1].start()
+        wait_for(lambda: engine.queue_length == 3, "b did not queue behind the switch")
+        time.sleep(0.2)
+        assert engine.info.name == "tiny-gdn" and engine.generation == 0  # nothing changed under a's answer
+    finally:
+        gate.set()
+        engine.fault_hook = None
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    assert of(Finished, got["a"])[-1].result["stats"]["tokens"] == 4
+    assert of(Finished, got["switch"])[-1].result["loaded"] == "tiny-dn" and engine.info.variant == "DeltaNet"
+    # b was queued behind the switch: its documents were processed again for the new model, then it answered
+    assert [e for e in of(Progress, got["b"]) if e.stage == "prefill"]
+    assert of(Finished, got["b"])[-1].result["stats"]["tokens"] == 3 and b.model_key == engine.model_key
+    assert chat.summary(b)["total_tokens"] == old_tokens and chat.summary(b)["processed_modes"] == ["ahn"]
+    # a's documents: not processed for the new model yet (the page says so), then processed at its next question
+    assert a.model_key != engine.model_key and chat.summary(a)["processed_modes"] == []
+    assert a.last_state_view is None and switchable.monitor.snapshot(a)["tokens"]["processed"] == 0
+    evs = drain(chat.ask(a, "Ticket?", "ahn", max_new_tokens=3))
+    assert [e for e in of(Progress, evs) if e.stage == "prefill"] and of(Partial, evs)
+    assert engine.queue_length == 0 and not a.lock.locked() and not b.lock.locked()

