@@ -518,7 +518,7 @@ class ChatService:
             peak_state = state.nbytes()["total"]
             text, n, t_first = "", 0, None
             try:
-                logits = eng.prefill(state, suffix, run.stop)
+                logits = eng.prefill(state, suffix, run.stop, max_new_tokens=params.max_new_tokens)
                 seen = None
                 if params.repetition_penalty != 1.0:
                     seen = torch.zeros(eng.model.vocab_size, dtype=torch.bool, device=eng.model.device)

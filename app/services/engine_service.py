@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ahn_runtime import AHNError, RuntimeConfig, SequenceState, load_model
+from ahn_runtime import AHNError, AHNMemoryError, RuntimeConfig, SequenceState, load_model
+from ahn_runtime.planning import max_tokens
 from ahn_runtime.generate import SamplingParams, Stopped, TextStream, decode_tokens
 
 from .errors import Cancelled, ModeUnavailable, OutOfMemory, ServiceError, is_out_of_memory
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("ahn", "full", "window")
 MODE_LABELS = {"ahn": "AHN", "full": "Full attention", "window": "Window only"}
-FULL_MEMORY_FRACTION = 0.8  # of the available memory that full-attention KV may take
 
 
 @dataclass
@@ -290,7 +290,8 @@ class EngineService:
         if mode == "window":
             return Budget(mode, None, "none", f"Unlimited, but only the last {W:,} tokens (+{S} sinks) are seen: "
                           "everything before them is dropped (not remembered).")
-        by_memory = int(self.available_memory() * FULL_MEMORY_FRACTION // max(1, self.kv_bytes_per_token()))
+        # the runtime's memory plan: KV per token + a prefill chunk's workspace + margin, within free memory
+        by_memory = int(max_tokens(self.model, "full"))
         by_model = self.info.max_positions or by_memory
         if by_model <= by_memory:
             return Budget(mode, by_model, "model", f"{by_model:,} tokens (the model's context length).")
@@ -342,9 +343,10 @@ class EngineService:
         return self.model.new_state(mode)
 
     def prefill(self, state: SequenceState, ids: list[int] | torch.Tensor, stop: threading.Event,
-                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Feed tokens into state; returns the last logits [V]. Raises Cancelled or OutOfMemory (the state is
-        then unusable; the caller drops it)."""
+                progress: Callable[[int, int], None] | None = None, max_new_tokens: int = 0) -> torch.Tensor:
+        """Feed tokens into state (and reserve room for an answer of max_new_tokens); returns the last logits
+        [V]. Raises Cancelled, or OutOfMemory when the runtime's memory plan refuses (with what fits instead) or
+        the device runs out (the state is then unusable; the caller drops it)."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
         def cb(done, total):
@@ -358,7 +360,7 @@ class EngineService:
         with self._guard("processing the text"):
             if ids.numel() == 0:
                 raise ServiceError("nothing to process")
-            return self.model.prefill(state, ids, progress=cb)[-1]
+            return self.model.prefill(state, ids, progress=cb, max_new_tokens=max_new_tokens)[-1]
 
     def decode(self, state: SequenceState, logits: torch.Tensor, params: SamplingParams,
                stop: threading.Event, seen: torch.Tensor | None = None) -> Iterator[int]:
@@ -381,6 +383,9 @@ class EngineService:
             yield
         except Stopped:
             raise Cancelled("Stopped.") from None
+        except AHNMemoryError as e:  # refused up front (nothing allocated) or an OOM the runtime caught
+            self.free_memory()
+            raise OutOfMemory(f"Not enough memory while {what}: {e}") from None
         except BaseException as e:  # noqa: BLE001
             if not is_out_of_memory(e):
                 raise
