@@ -197,3 +197,26 @@ def test_memory_plan_bounds_the_measured_peak(tmp_path, mode):
     m.prefill(st, ids)
     used = torch.cuda.max_memory_allocated() - base
     assert used <= plan.need and used >= 0.3 * (plan.need - (256 << 20)), (used, plan)
+
+
+@pytest.mark.parametrize("attention", ["flash", "cudnn"])
+def test_requests_of_new_lengths_leave_no_device_memory_behind(tmp_path, attention, monkeypatch):
+    """A long-running app answers request after request, each of a new length: prefill + graph decode must
+    leave the allocated device memory where it was (no per-shape cache growing without bound)."""
+    monkeypatch.setenv("AHN_ATTENTION", attention)
+    m = _hd128_model(tmp_path, window=512, sinks=4)
+    after = []
+    for i, L in enumerate([700, 1500, 2300, 3100, 3900, 4700]):
+        st = m.new_state("ahn")
+        logits = m.prefill(st, torch.randint(0, 512, (L,), device="cuda"), max_new_tokens=16)
+        dec = m.decoder(st, 16)
+        tok = int(logits[-1].argmax())
+        for _ in range(16):
+            tok = int(dec(tok).argmax())
+        del st, logits, dec
+        import gc
+        gc.collect()
+        torch.cuda.synchronize()
+        after.append(torch.cuda.memory_allocated())
+    growth = [b - a for a, b in zip(after[1:], after[2:])]
+    assert max(growth) < 1 << 20, [g / 2**20 for g in growth]
