@@ -131,7 +131,7 @@ class StaticDecoder:
         """Warm up (compile; kernels choose their configs) on the scratch slot, with the memory update discarded,
         then capture. The state's valid slots and memory are not changed."""
         self._set(0, self.state.pos, self.scratch, False)
-        s = torch.cuda.Stream()
+        s = _capture_stream(self.model.device)
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             try:
@@ -148,7 +148,7 @@ class StaticDecoder:
                     self._step()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=s):
             self.out = self._step()
         self.graph = g
 
@@ -205,6 +205,16 @@ def _mem_step(template, params, q, kw, vw, gw, xn, S, evict, keep):
 
 
 _COMPILED: dict = {}
+_STREAMS: dict = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace (32 MiB on Hopper)
+    for each stream it has run on, for the life of the process, so a new stream per answer would leak it."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device=device)
+    return _STREAMS[key]
 
 
 def _compiled(model):

@@ -171,6 +171,8 @@ def run_model(a, name, quant, results, meta):
            [("transformers", "full", L) for L in lengths(a.hf_lengths)]
     if name == "qwen2.5-7b" and quant == "nf4":  # the 7B runs: fewer lengths (device time)
         plan = [p for p in plan if p[2] in lengths(a.lengths_7b)]
+    if a.only_sim:
+        plan = []
     for impl, mode, L in plan:
         r = ours(model, mode, L, a.steps) if impl == "ours" else baseline(model, L, a.steps)
         r |= {"model": name, "quant": quant}
@@ -179,12 +181,15 @@ def run_model(a, name, quant, results, meta):
         save(a, meta, results)
     if a.sim_gib and name == a.sim_model:
         total = torch.cuda.get_device_properties(0).total_memory
+        sim = model.with_config(RuntimeConfig(window=a.sim_window, sinks=a.sinks, chunk_size=a.sim_chunk))
+        ours(sim, "ahn", a.sinks + a.sim_window + 3 * a.sim_chunk, 8)  # warm-up of this geometry
         _reset()
         torch.cuda.set_per_process_memory_fraction(a.sim_gib * GiB / total)
         try:
             for mode in ("ahn", "full"):
-                r = ours(model, mode, lengths(a.sim_length)[0], a.steps)
-                r |= {"model": name, "quant": quant, "simulated_card_gib": a.sim_gib}
+                r = ours(sim, mode, lengths(a.sim_length)[0], a.steps)
+                r |= {"model": name, "quant": quant, "simulated_card_gib": a.sim_gib, "window": a.sim_window,
+                      "chunk": a.sim_chunk}
                 results.append(r)
                 print(json.dumps(r), flush=True)
                 save(a, meta, results)
@@ -209,7 +214,8 @@ def table(results) -> str:
     lines = ["| model | impl | mode | tokens | TTFT s | prefill tok/s | decode ms/tok | peak alloc GiB | "
              "predicted GiB | vs transformers (TTFT / decode) |", "|" + "---|" * 10]
     for r in results:
-        card = f" (simulated {r['simulated_card_gib']} GiB card)" if "simulated_card_gib" in r else ""
+        card = (f" (simulated {r['simulated_card_gib']} GiB card, W={r['window']}, chunk {r['chunk']})"
+                if "simulated_card_gib" in r else "")
         head = f"| {r['model']} {r['quant']}{card} | {r['impl']} | {r['mode']} | {r['tokens']:,} |"
         if "ttft_s" not in r:
             lines.append(head + f" {r.get('refused') or r.get('error')} | | | | | |")
@@ -267,7 +273,10 @@ def main():
     ap.add_argument("--sim-gib", type=float, default=7.5, help="simulated card: memory the process may use "
                     "(an 8 GiB card less ~0.5 GiB of CUDA context); 0 = skip")
     ap.add_argument("--sim-model", default="qwen2.5-7b")
+    ap.add_argument("--sim-window", type=int, default=8064, help="window of the 8 GiB configuration (+ sinks)")
+    ap.add_argument("--sim-chunk", type=int, default=2048)
     ap.add_argument("--sim-length", default="128k")
+    ap.add_argument("--only-sim", action="store_true", help="only the simulated-card runs")
     ap.add_argument("--out", default="docs/bench")
     ap.add_argument("--tag", default="")
     ap.add_argument("--plot", default=None, help="only plot this JSON")

@@ -130,7 +130,7 @@ def test_cuda_graph_decode_matches_eager_step(tmp_path, variant, mode):
     for t in ids[40:].tolist():
         la, lb = ga(t).clone(), gb(t)
         lc = m.step(c, t)[-1]
-        assert rel(la, lb) < 3e-2  # replay (compiled pieces) == eager fixed-shape step, up to bf16 rounding
+        assert rel(la, lb) < 5e-2  # replay (compiled pieces) == eager fixed-shape step, up to bf16 rounding
         cos_min = min(cos_min, torch.nn.functional.cosine_similarity(la.float(), lc.float(), 0).item())
         same += float(la.argmax() == lc.argmax()) / 160
     assert ga.graph is not None and ga.compiled and a.pos == c.pos == 200
