@@ -156,10 +156,20 @@ def lengths(s: str) -> list[int]:
     return out
 
 
+def load_real(spec: str, quant: str, cfg: RuntimeConfig) -> AHNModel:
+    """A real model: 'BASE[+AHN_DIR]' (HF id or directory, or .gguf file; AHN-only checkpoint directory)."""
+    from ahn_runtime import load_model
+    base, _, ahn = spec.partition("+")
+    model = load_model(base, ahn or None, cfg, device="cuda", quantization=None if quant == "none" else quant)
+    model.hf.generation_config.eos_token_id = None
+    model.hf.generation_config.pad_token_id = 0
+    return model
+
+
 def run_model(a, name, quant, results, meta):
     cfg = RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=a.chunk)
     t0 = time.perf_counter()
-    model = build(name, quant, cfg)
+    model = build(name, quant, cfg) if name in CONFIGS else load_real(name, quant, cfg)
     print(f"# built {name} {quant} in {time.perf_counter() - t0:.1f} s; weights "
           f"{torch.cuda.memory_allocated() / GiB:.2f} GiB", flush=True)
     # warm-up: every kernel shape once (fla autotuning, cuBLAS plans) at a length with full memory chunks
@@ -260,7 +270,9 @@ def plot(path: str, img: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="qwen2.5-3b,qwen2.5-7b")
+    ap.add_argument("--models", default="qwen2.5-3b,qwen2.5-7b",
+                    help="config names (random weights: " + ", ".join(CONFIGS) + ") or real models as BASE[+AHN_DIR], "
+                    "e.g. SmolLM2-135M-Instruct.Q4_1.gguf+models/smollm2-135m-ahn (use --window/--sinks to match)")
     ap.add_argument("--quant", default="nf4", help="none | nf4 | fp4 | int8 (bitsandbytes)")
     ap.add_argument("--ahn-lengths", default="8k,32k,128k,512k,1m")
     ap.add_argument("--full-lengths", default="8k,32k,128k")
