@@ -57,7 +57,7 @@ class StaticDecoder:
         dev = model.device
         cap = decode_capacity(state.spec, state.n_slots, max_tokens)
         if state.capacity < cap or state.capacity % SPLIT:
-            _grow_exact(state, cap)
+            state.resize(cap)
         self.cap = state.capacity
         self.scratch = self.cap - 1
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
@@ -226,14 +226,3 @@ def _compiled(model):
         _COMPILED["mem"] = torch.compile(_mem_step, dynamic=False)
         _COMPILED["attn"] = torch.compile(static_decode_attention, dynamic=False)
     return _COMPILED["mem"], _COMPILED["attn"]
-
-
-def _grow_exact(state: SequenceState, cap: int) -> None:
-    """Reallocate the state's buffers to exactly `cap` slots (keeping the valid ones)."""
-    n = state.n_slots
-    old_k, old_v, old_g = state.k, state.v, state.gates
-    state._alloc(cap)
-    state.k[:, :, :n] = old_k[:, :, :n]
-    state.v[:, :, :n] = old_v[:, :, :n]
-    for g in state.gates:
-        state.gates[g][:, :n] = old_g[g][:, :n]

@@ -283,11 +283,11 @@ class AHNModel:
         oom = None
         try:
             if max_new_tokens and self.device.type == "cuda":  # the prompt and the static decoder's buffer
-                from .decode import _grow_exact, decode_capacity
+                from .decode import decode_capacity
                 state.linearize()
                 cap = decode_capacity(state.spec, int(min(state.spec.max_slots, state.n_slots + T)), max_new_tokens)
                 if state.capacity < cap:
-                    _grow_exact(state, cap)
+                    state.resize(cap)
             else:
                 state.reserve(T, exact=True)  # one allocation for the whole prompt
             outs = []

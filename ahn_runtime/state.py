@@ -129,13 +129,17 @@ class SequenceState:
         if need <= cap:
             return
         # exact for a known prompt; otherwise grow by 1/8 (bounded transient copy for long full-attention caches)
-        new = need if exact else int(min(self.spec.max_slots, max(need, cap + max(256, cap // 8))))
+        self.resize(need if exact else int(min(self.spec.max_slots, max(need, cap + max(256, cap // 8)))))
+
+    def resize(self, cap: int) -> None:
+        """Reallocate the buffers to exactly `cap` slots (>= n_slots), keeping the valid ones."""
+        n = self.n_slots
         old_k, old_v, old_g = self.k, self.v, self.gates
-        self._alloc(new)
-        self.k[:, :, :cap] = old_k
-        self.v[:, :, :cap] = old_v
+        self._alloc(cap)
+        self.k[:, :, :n] = old_k[:, :, :n]
+        self.v[:, :, :n] = old_v[:, :, :n]
         for g in self.gates:
-            self.gates[g][:, :cap] = old_g[g]
+            self.gates[g][:, :n] = old_g[g][:, :n]
 
     def release(self) -> None:
         """Drop every buffer and token (after a failed prefill): the state is empty afterwards."""

@@ -262,25 +262,6 @@ class EngineService:
             raise ModeUnavailable(cur.info.ahn_missing or "This model has no AHN weights: use window-only or full "
                                   "attention.")
 
-    def kv_bytes_per_token(self) -> int:
-        m = self.model
-        return 2 * m.n_layers * m.n_kv_heads * m.head_dim * torch.tensor([], dtype=m.dtype).element_size()
-
-    def available_memory(self) -> int:
-        """Bytes that new buffers could still take on the model's device."""
-        if self.model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.model.device)
-            return int(free + torch.cuda.memory_reserved(self.model.device) - torch.cuda.memory_allocated(
-                self.model.device))
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
     def budget(self, mode: str) -> Budget:
         """How many tokens (documents + chat) a mode can hold."""
         W, S = self.info.window, self.info.sinks
