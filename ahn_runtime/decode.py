@@ -24,6 +24,7 @@ import logging
 import os
 
 import torch
+from torch.func import functional_call
 
 from .kernels import recurrent
 from .kernels.attention import static_decode_attention
@@ -199,7 +200,6 @@ def decode_capacity(spec, n_slots: int, max_tokens: int) -> int:
 def _mem_step(template, params, q, kw, vw, gw, xn, S, evict, keep):
     """One memory write (the token leaving the window) and read, with the layer's parameters; the update is kept
     only where `evict`. Returns (memory output [1, H*D] * keep, new state [H, D, D] float32)."""
-    from torch.func import functional_call
     r, new = functional_call(template, params, (q, kw, vw, gw, xn, S))
     return r * keep, torch.where(evict, new, S)
 

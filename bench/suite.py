@@ -26,14 +26,22 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from core_gpu import CONFIGS  # noqa: E402
-
 from ahn_runtime import AHNModel, RuntimeConfig, plan_memory  # noqa: E402
 from ahn_runtime.memory import VARIANTS  # noqa: E402
 from ahn_runtime.planning import AHNMemoryError  # noqa: E402
 
 GiB = 1 << 30
 K = 1024
+
+# public configurations of the real models (random weights are built from these)
+CONFIGS = {
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=True),
+}
 
 
 def build(name: str, quant: str, cfg: RuntimeConfig, variant: str = "GatedDeltaNet") -> AHNModel:
