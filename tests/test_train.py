@@ -263,6 +263,9 @@ def test_geometry_sampling_restrictions():
     assert budget_candidates(4096) == [1024, 2048]
     assert budget_candidates(16384) == [4096, 8192]
     assert budget_candidates(2048) == [512, 1024]
+    assert budget_candidates(8192, (128, 256, 512, 1024, 2048), divisor=64) == [256, 512, 1024, 2048]
+    assert budget_candidates(8192, (128, 256, 512, 1024, 2048)) == [2048]
+    assert {sample_geometry(rng, 8192, budget_choices=(256, 512), divisor=64)[0] for _ in range(50)} == {256, 512}
     rng = random.Random(0)
     assert {sample_geometry(rng, 4096)[1] for _ in range(500)} == {0, 32, 64, 128, 512}
     assert sample_geometry(rng, 4096, budget=300, sinks=100) == (300, 100)

@@ -121,3 +121,37 @@ def test_torch_memory_kernel_on_cuda_matches_fp32():
         loss.backward()
         grads.append([p.grad.clone() for p in mems.parameters() if p.grad is not None])
     assert max(_rel(a, b) for a, b in zip(*grads)) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["gated_delta", "simple_gla"])
+def test_fla_backward_with_pytorch_dqkwg_matches_pytorch_kernel(kind):
+    """fla's chunk backward (with our PyTorch chunk_bwd_dqkwg where fla refuses its Triton kernel) gives the
+    gradients of the chunk-parallel PyTorch recurrence, bf16 inputs, 1000 tokens (a partial last chunk)."""
+    from ahn_runtime.train.fla_dqkwg import fla_refuses_gated_backward, register_backend
+    from ahn_runtime.train.kernels import chunk_recurrence
+    print("fla refuses the gated kernel here:", fla_refuses_gated_backward(), "registered:", register_backend())
+    assert fla_backward_ok(kind, "cuda:0")
+    gdr, _, sg = recurrent._fla()
+    T, H, D = 1000, 4, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, v = (torch.randn(T, H, D, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    k = torch.nn.functional.normalize(torch.randn(T, H, D, device="cuda", generator=gen), dim=-1).bfloat16()
+    g = torch.nn.functional.logsigmoid(torch.randn(T, H, device="cuda", generator=gen) + 4)
+    beta = torch.rand(T, H, device="cuda", generator=gen).bfloat16()
+    do = torch.randn(T, H, D, device="cuda", generator=gen)
+    grads = []
+    for impl in ("fla", "torch"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g)] + [beta.detach().clone().requires_grad_()]
+        qq, kk, vv, gg, bb = xs
+        if impl == "fla" and kind == "gated_delta":
+            o, _ = gdr.chunk_gated_delta_rule(qq[None], kk[None], vv[None], g=gg[None], beta=bb[None], scale=D ** -0.5)
+        elif impl == "fla":
+            o, _ = sg.chunk_simple_gla(qq[None], kk[None], vv[None], g=gg[None], scale=D ** -0.5)
+        else:
+            o, _ = chunk_recurrence(qq, kk, vv, gg, bb if kind == "gated_delta" else None, D ** -0.5)
+        o = o.reshape(T, H, D)
+        inputs = xs if kind == "gated_delta" else xs[:4]
+        grads.append(torch.autograd.grad((o.float() * do).sum(), inputs))
+    for name, a, b in zip("qkvgb", *grads):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 3e-2, (name, _rel(a, b))

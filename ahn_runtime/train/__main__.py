@@ -45,7 +45,10 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("window / sinks (spec §4.2; budget = sinks + window)")
     g.add_argument("--budget", type=int, default=None, help="fixed total lossless budget S+W (default: sampled)")
     g.add_argument("--budget-choices", type=_ints, default=BUDGET_CHOICES,
-                   help="budgets to sample from, restricted to L/8 < c < L (default %(default)s)")
+                   help="budgets to sample from, restricted to L/D < c < L (default %(default)s)")
+    g.add_argument("--budget-min-divisor", type=int, default=8, metavar="D",
+                   help="D of the restriction L/D < budget (spec §4.2: 8; larger values allow windows much shorter "
+                        "than the sequence)")
     g.add_argument("--sinks", type=int, default=None, help="fixed sink count S (default: sampled)")
     g.add_argument("--sink-choices", type=_ints, default=SINK_CHOICES,
                    help="sink counts to sample from, restricted to <= budget/2 (default %(default)s)")
@@ -84,6 +87,7 @@ def config_from_args(a) -> "TrainConfig":  # noqa: F821
     return TrainConfig(base=a.base, out=a.out, variant=a.variant, data=a.data, seq_len=a.seq_len, steps=a.steps,
                        grad_accum=a.grad_accum, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
                        max_grad_norm=a.max_grad_norm, budget=a.budget, budget_choices=tuple(a.budget_choices),
+                       budget_min_divisor=a.budget_min_divisor,
                        sinks=a.sinks, sink_choices=tuple(a.sink_choices), seed=a.seed, device=a.device,
                        dtype=a.dtype, attention=a.attention, memory_kernel=a.memory_kernel,
                        grad_checkpointing=not a.no_grad_checkpointing,

@@ -239,6 +239,14 @@ class Distiller(nn.Module):
             return needs_torch_kernel(self.memories[0].variant, self.rt.device, self.compute_dtype)
         return self.memory_kernel == "torch"
 
+    def memory_kernel_name(self) -> str:
+        if self.uses_torch_kernel():
+            return "PyTorch chunk-parallel (train/kernels.py)"
+        if self.rt.device.type == "cuda" and self.compute_dtype != torch.float32 and recurrent._fla() is not None:
+            from .fla_dqkwg import register_backend
+            return "fla" + (" with chunk_bwd_dqkwg in PyTorch (train/fla_dqkwg.py)" if register_backend() else "")
+        return "PyTorch chunked"
+
     def _memory(self, l, xw, q, k, v, xq):
         mem = self.memories[l]
         dt = self.compute_dtype

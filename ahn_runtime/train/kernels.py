@@ -1,8 +1,10 @@
 """Memory kernels for training when fla cannot differentiate one.
 
 fla 0.6 refuses the backward of its gated chunk kernels (`chunk_gated_delta_rule`, `chunk_simple_gla`) on Hopper
-GPUs with Triton >= 3.4 and < 3.7.1 (a Triton miscompilation, fla issue #640) unless tilelang is installed; the
-GDN and Mamba2 memories then need another differentiable kernel. `chunk_recurrence` is a chunk-parallel
+GPUs with Triton >= 3.4 and < 3.7.1 (a Triton miscompilation in one kernel, fla issue #640) unless tilelang is
+installed. The trainer first registers a PyTorch version of that one kernel with fla (fla_dqkwg.py), which makes
+fla's backward usable again; where fla still cannot differentiate a variant (or with --memory-kernel torch) the
+memories use another differentiable kernel: `chunk_recurrence` is a chunk-parallel
 pure-PyTorch form of the same recurrences (WY / UT transform): everything inside a chunk is computed for all
 chunks at once; only the state pass (two small matmuls per chunk) is sequential, so autograd's graph stays
 small. Float32 internally; same conventions as `ahn_runtime.kernels.recurrent` (initial state zero, element i of
@@ -19,6 +21,7 @@ import types
 import torch
 
 from ..kernels import recurrent
+from .fla_dqkwg import register_backend
 
 
 def chunk_recurrence(q, k, v, g=None, beta=None, scale=1.0, state=None, chunk: int = 64):
@@ -99,9 +102,11 @@ _FLA_KIND = {"GatedDeltaNet": "gated_delta", "DeltaNet": "delta", "Mamba2": "sim
 
 @functools.lru_cache(maxsize=None)
 def fla_backward_ok(kind: str, device: str) -> bool:
-    """Probe fla's chunk kernel of this kind (forward + backward on a tiny input) on the device."""
+    """Probe fla's chunk kernel of this kind (forward + backward on a tiny input) on the device, with our PyTorch
+    `chunk_bwd_dqkwg` registered where fla refuses its own (fla_dqkwg.py)."""
     if not (device.startswith("cuda") and recurrent.fla_available()):
         return False
+    register_backend()
     try:
         gdr, dr, sg = recurrent._fla()
         T, H, D = 128, 2, 64

@@ -49,6 +49,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     budget: int | None = None  # fixed total budget S + W; None = sampled from budget_choices
     budget_choices: tuple = BUDGET_CHOICES
+    budget_min_divisor: int = 8  # budgets c with L / divisor < c < L (spec: 8)
     sinks: int | None = None  # fixed S; None = sampled from sink_choices
     sink_choices: tuple = SINK_CHOICES
     seed: int = 0
@@ -74,9 +75,10 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------
 # window / sink sampling (spec §4.2)
 
-def budget_candidates(seq_len: int, choices=BUDGET_CHOICES, min_exclusive: int = 0) -> list[int]:
-    """Budgets c with L/8 < c < L (strict), and c > min_exclusive (a fixed sink count)."""
-    return [int(c) for c in choices if seq_len / 8 < c < seq_len and c > min_exclusive]
+def budget_candidates(seq_len: int, choices=BUDGET_CHOICES, min_exclusive: int = 0, divisor: int = 8) -> list[int]:
+    """Budgets c with L/divisor < c < L (strict; the spec's divisor is 8), and c > min_exclusive (a fixed sink
+    count)."""
+    return [int(c) for c in choices if seq_len / divisor < c < seq_len and c > min_exclusive]
 
 
 def sink_candidates(budget: int, choices=SINK_CHOICES) -> list[int]:
@@ -84,13 +86,14 @@ def sink_candidates(budget: int, choices=SINK_CHOICES) -> list[int]:
 
 
 def sample_geometry(rng: random.Random, seq_len: int, budget: int | None = None, sinks: int | None = None,
-                    budget_choices=BUDGET_CHOICES, sink_choices=SINK_CHOICES) -> tuple[int, int]:
+                    budget_choices=BUDGET_CHOICES, sink_choices=SINK_CHOICES, divisor: int = 8) -> tuple[int, int]:
     """(budget B_w = S + W, sinks S) for one training sequence: B_w uniform over the choices with
-    L/8 < c < L, S uniform over the sink choices with S <= B_w / 2; fixed values are used as given."""
+    L/divisor < c < L (spec: divisor 8), S uniform over the sink choices with S <= B_w / 2; fixed values are used
+    as given."""
     if budget is None:
-        cands = budget_candidates(seq_len, budget_choices, -1 if sinks is None else sinks)
+        cands = budget_candidates(seq_len, budget_choices, -1 if sinks is None else sinks, divisor)
         if not cands:
-            raise ValueError(f"no training budget among {list(budget_choices)} satisfies L/8 < c < L for "
+            raise ValueError(f"no training budget among {list(budget_choices)} satisfies L/{divisor} < c < L for "
                              f"L = {seq_len}" + ("" if sinks is None else f" and c > sinks = {sinks}"))
         budget = rng.choice(cands)
     if sinks is None:
@@ -289,7 +292,8 @@ class Trainer:
         if c.steps < 1 or c.grad_accum < 1 or c.seq_len < 2:
             raise ValueError("steps, grad_accum must be >= 1 and seq_len >= 2")
         # fail early if no (budget, sinks) is possible for this sequence length
-        sample_geometry(random.Random(0), c.seq_len, c.budget, c.sinks, c.budget_choices, c.sink_choices)
+        sample_geometry(random.Random(0), c.seq_len, c.budget, c.sinks, c.budget_choices, c.sink_choices,
+                        c.budget_min_divisor)
 
     def _setup_distributed(self):
         import torch.distributed as dist
@@ -432,7 +436,8 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             ids = next(self.data)
             budget, sinks = sample_geometry(geometry_rng(cfg.seed, self.step, micro, self.rank), cfg.seq_len,
-                                            cfg.budget, cfg.sinks, cfg.budget_choices, cfg.sink_choices)
+                                            cfg.budget, cfg.sinks, cfg.budget_choices, cfg.sink_choices,
+                                            cfg.budget_min_divisor)
             sync = (not self.distributed) or micro == cfg.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx:
@@ -458,8 +463,7 @@ class Trainer:
             os.makedirs(cfg.out, exist_ok=True)
             log.info("training %s AHN (%d trainable parameters) on %s, %s, world %d, seq_len %d, steps %d, "
                      "memory kernel: %s", cfg.variant, n_trainable(self.memories), self.device, self.dtype, self.world,
-                     cfg.seq_len, cfg.steps, "PyTorch chunk-parallel" if self.distiller.uses_torch_kernel() else
-                     ("fla" if self.device.type == "cuda" and self.dtype != torch.float32 else "PyTorch chunked"))
+                     cfg.seq_len, cfg.steps, self.distiller.memory_kernel_name())
         stopped_early = False
         step_times = []
         try:
