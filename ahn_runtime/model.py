@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .kernels import recurrent
 from .kernels.attention import KeyBlock, decode_attention, window_attention
 from .state import MODES, SequenceState, StateSpec
 
@@ -62,6 +63,7 @@ class AHNModel:
         config.validate()
         self.hf = hf_model
         self.memories = memories
+        self._stacked = None  # (key, every layer's write parameters stacked) for _write_leaving
         self.config = config
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -230,6 +232,8 @@ class AHNModel:
             pos_before = state.positions().to(self.device)
             drop = self._official_drop(state, t)
             keep = torch.cat([pos_before, torch.tensor([t], device=self.device)]) != (-1 if drop is None else drop)
+        if mem:  # the token leaving the window was cached: every layer's write first, as one batched update
+            self._write_leaving(state, slot)
         ids = torch.as_tensor([int(token)], device=self.device)
         x = self.embed(ids)
         cos, sin = self._rope(x, t, 1)
@@ -238,9 +242,6 @@ class AHNModel:
             q, k, v = self._qkv(layer, xn, cos, sin)
             K, V = state.k[l], state.v[l]
             gates = self.memories[l].gates(xn) if state.spec.has_memory else {}
-            if mem:
-                kw, vw = K[:, slot].clone()[None], V[:, slot].clone()[None]
-                gw = {g: state.gates[g][l, slot].clone()[None] for g in gates}
             if official:
                 n = state.n_slots
                 o = decode_attention(q, torch.cat([K[:, :n], k.transpose(0, 1)], 1),
@@ -251,12 +252,32 @@ class AHNModel:
             if not official:
                 o = decode_attention(q, K[:, :n_after], V[:, :n_after], self.scale)
             if mem:
-                o = o + self._memory(l, state, q, kw, vw, gw, xn)
+                o = o + self.memories[l].read(q, xn, state.memory[l]).view(-1, self.n_heads, self.head_dim)
             x = self._finish_layer(layer, x, o)
         if evict is not None:
             state.rot = (state.rot + 1) % int(W)
         state.pos = t + 1
         return self._logits(x, logits)
+
+    def _write_leaving(self, state: SequenceState, slot: int):
+        """Write the cached token in window slot `slot` (about to be overwritten) into the memory of every layer.
+        It depends only on that token's cached K, V and gates, so the L layers' writes run as one update over
+        L x H states (a decode step then pays the recurrence's small ops once, not once per layer)."""
+        G = self.n_heads // self.n_kv_heads
+        mems = self.memories
+        kw = state.k[:, :, slot].repeat_interleave(G, dim=1)  # [L, H, D]
+        vw = state.v[:, :, slot].repeat_interleave(G, dim=1)
+        gw = {g: state.gates[g][:, slot] for g in state.gates}  # [L, H]
+        key = tuple((p.data_ptr(), p._version) for m in mems for p in m.write_params().values())
+        if self._stacked is None or self._stacked[0] != key:
+            names = mems[0].write_params().keys()
+            self._stacked = (key, {n: torch.stack([m.write_params()[n] for m in mems]) for n in names})
+        k, v, g, beta = type(mems[0]).write_args(self._stacked[1], kw, vw, gw)
+        N = k.shape[0] * k.shape[1]
+        if not state.memory.is_contiguous():
+            state.memory = state.memory.contiguous()
+        recurrent.write_ref(k.reshape(N, -1), v.reshape(N, -1), None if g is None else g.reshape(N),
+                            None if beta is None else beta.reshape(N), state.memory.view(N, *state.memory.shape[2:]))
 
     def decoder(self, state: SequenceState, max_tokens: int, graph: bool | None = None):
         """A callable token -> next logits [V] for up to max_tokens decode steps: the fixed-shape step (a CUDA

@@ -53,3 +53,21 @@ def test_deltanet_equals_gated_with_zero_decay():
         a, sa = dn(q, k, v, dn.gates(x), x, s0)
         b, sb = g(q, k, v, g.gates(x), x, s0)
     assert (a - b).abs().max() < 1e-5 and (sa - sb).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("gated,delta", [(True, True), (False, True), (True, False)])
+def test_batched_write_equals_reference_update(gated, delta):
+    """recurrent.write_ref (one token into N states, the batched decode write of all layers) == the state update
+    of the per-token reference recurrence, head by head."""
+    from ahn_runtime.kernels import recurrent
+    gen = torch.Generator().manual_seed(0)
+    N, K, V = 12, 8, 16
+    S0 = torch.randn(N, K, V, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(N, K, generator=gen), dim=-1)
+    v = torch.randn(N, V, generator=gen)
+    g = -torch.rand(N, generator=gen) if gated else None
+    beta = torch.rand(N, generator=gen) if delta else None
+    _, ref = recurrent.recurrent_ref(torch.zeros(1, N, K), k[None], v[None], None if g is None else g[None],
+                                     None if beta is None else beta[None], 1.0, S0)
+    got = recurrent.write_ref(k, v, g, beta, S0.clone())
+    assert (got - ref).abs().max() < 1e-5

@@ -47,6 +47,19 @@ def recurrent_ref(q, k, v, g=None, beta=None, scale=1.0, state=None):
     return out, S
 
 
+def write_ref(k, v, g=None, beta=None, state=None):
+    """One token written into N independent states (the update of `recurrent_ref` without the read), in place.
+    k [N, K], v [N, V], g / beta [N] or None, state [N, K, V] float32. Returns state."""
+    dt = state.dtype
+    k, v = k.to(dt), v.to(dt)
+    if g is not None:
+        state.mul_(torch.exp(g.to(dt))[:, None, None])
+    if beta is not None:
+        v = beta.to(dt)[:, None] * (v - torch.einsum("nkv,nk->nv", state, k))
+    state.add_(k[:, :, None] * v[:, None, :])
+    return state
+
+
 def chunked(q, k, v, g=None, beta=None, scale=1.0, state=None, chunk: int = 64):
     """Chunked form, exact up to float rounding. Returns (o [T, H, V] float32, state [H, K, V] float32)."""
     T, H, K = k.shape

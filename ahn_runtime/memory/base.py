@@ -8,6 +8,11 @@ does two things for its layer:
                                 writes n tokens (k, v: [n, H, D] post-RoPE, GQA-expanded; gates {name: [n, H]})
                                 and reads with the paired queries (q [n, H, D] post-RoPE; xq [n, h] their
                                 pre-normed hidden states); state [H, D, D] float32 or None.
+and, for decode, the same split in two:
+    write_args(p, k, v, gates) -> (keys, values, log decay or None, beta or None) of the recurrence; a
+                                classmethod over parameters p (`write_params()`, or every layer's stacked), so
+                                that a decode step writes all layers' leaving tokens in one batched update
+    read(q, xq, state)        -> m [n, H*D] from a state that already holds the writes
 """
 from __future__ import annotations
 

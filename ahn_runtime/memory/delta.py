@@ -54,18 +54,40 @@ class GatedDeltaNet(MemoryModule):
             g["a"] = self.a_proj(xn)
         return g
 
-    def log_decay(self, a):
-        """gamma = -exp(A_log) * softplus(a + dt_bias), float32 [n, H]."""
-        return -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
 
-    def forward(self, q, k, v, gates, xq, state):
-        dtype = v.dtype
-        g = self.log_decay(gates["a"]) if self.gated else None
-        qn, kn = recurrent.l2norm(q).to(dtype), recurrent.l2norm(k).to(dtype)
-        r, state = recurrent.run(qn, kn, v, g, gates["beta"], self.head_dim ** -0.5, state)
+    def write_params(self) -> dict:
+        return {"A_log": self.A_log, "dt_bias": self.dt_bias} if self.gated else {}
+
+    @classmethod
+    def write_args(cls, p, k, v, gates):
+        """Recurrence inputs (keys, values, log decay g = -exp(A_log) softplus(a + dt_bias), beta) of written
+        tokens. p: `write_params()` ([H]) or those of several layers stacked ([L, H], with k/v [L, H, D])."""
+        g = None
+        if cls.gated:
+            g = -torch.exp(p["A_log"].float()) * F.softplus(gates["a"].float() + p["dt_bias"].float())
+        return recurrent.l2norm(k).to(v.dtype), v, g, gates["beta"]
+
+    def query(self, q):
+        return recurrent.l2norm(q).to(q.dtype)
+
+    def output(self, r, xq, dtype):
+        """r [n, H, D] float32 (what the recurrence read) -> memory output [n, H*D]."""
         z = self.g_proj(xq).float()  # one gate per head
         n = rms_normalize(r.to(dtype), 1e-5) * self.o_norm.weight.float() * (z * torch.sigmoid(z))[..., None]
-        return self.o_proj(n.to(dtype).reshape(q.shape[0], -1)), state
+        return self.o_proj(n.to(dtype).reshape(r.shape[0], -1))
+
+    def forward(self, q, k, v, gates, xq, state):
+        kn, vv, g, beta = self.write_args(self.write_params(), k, v, gates)
+        r, state = recurrent.run(self.query(q), kn, vv, g, beta, self.scale, state)
+        return self.output(r, xq, v.dtype), state
+
+    def read(self, q, xq, state):
+        """Read only, from a state that already holds the writes of this position: q [n, H, D] -> [n, H*D]."""
+        r = torch.einsum("hkv,nhk->nhv", state, self.query(q).float()) * self.scale
+        return self.output(r, xq, q.dtype)
 
 
 class DeltaNet(GatedDeltaNet):

@@ -46,14 +46,37 @@ class Mamba2(MemoryModule):
     def gates(self, xn):
         return {"dt": self.dt_proj(xn)}
 
-    def forward(self, q, k, v, gates, xq, state):
-        dtype = v.dtype
-        dt = F.softplus(gates["dt"].float() + self.dt_bias.float())  # [n, H]
-        g = dt * -torch.exp(self.A_log.float())
-        qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        vd = (v.float() * dt[..., None]).to(dtype)
-        r, state = recurrent.run(qn, kn, vd, g, None, 1.0, state)
+    scale = 1.0
+
+    def write_params(self) -> dict:
+        return {"A_log": self.A_log, "dt_bias": self.dt_bias}
+
+    @classmethod
+    def write_args(cls, p, k, v, gates):
+        """Recurrence inputs (keys k/|k|, values dt*v, log gate dt*a, no beta) of written tokens, with
+        dt = softplus(dt_raw + dt_bias), a = -exp(A_log). p: `write_params()` ([H]) or several layers' stacked
+        ([L, H], with k/v [L, H, D])."""
+        dt = F.softplus(gates["dt"].float() + p["dt_bias"].float())  # [n, H]
+        g = dt * -torch.exp(p["A_log"].float())
+        vd = (v.float() * dt[..., None]).to(v.dtype)
+        return F.normalize(k, dim=-1), vd, g, None
+
+    def query(self, q):
+        return F.normalize(q, dim=-1)
+
+    def output(self, r, xq, dtype):
+        """r [n, H, D] float32 (what the recurrence read) -> memory output [n, H*D]."""
         z = self.g_proj(xq).float()
-        u = (r.to(dtype).float() * F.silu(z)[..., None]).reshape(q.shape[0], -1)
+        u = (r.to(dtype).float() * F.silu(z)[..., None]).reshape(r.shape[0], -1)
         n = rms_normalize(u, 1e-5) * self.norm.weight.float()
-        return self.o_proj(n.to(dtype)), state
+        return self.o_proj(n.to(dtype))
+
+    def forward(self, q, k, v, gates, xq, state):
+        kn, vd, g, _ = self.write_args(self.write_params(), k, v, gates)
+        r, state = recurrent.run(self.query(q), kn, vd, g, None, self.scale, state)
+        return self.output(r, xq, v.dtype), state
+
+    def read(self, q, xq, state):
+        """Read only, from a state that already holds the writes of this position: q [n, H, D] -> [n, H*D]."""
+        r = torch.einsum("hkv,nhk->nhv", state, self.query(q).float()) * self.scale
+        return self.output(r, xq, q.dtype)
