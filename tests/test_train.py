@@ -9,6 +9,7 @@ import math
 import os
 import random
 import socket
+import time
 from collections import Counter
 
 import numpy as np
@@ -436,6 +437,33 @@ def test_cli_max_minutes_stops_and_exports(tmp_path):
     assert load_model(BASE, str(out), RuntimeConfig(window=64, sinks=0), dtype="float32", device="cpu").variant == \
         "Mamba2"
     assert os.path.isdir(out / "checkpoints" / f"step-{len(log):07d}")
+
+
+def test_auto_steps_fill_the_time_limit(tmp_path, base):
+    """--steps auto: measured before the first update, the step count makes the cosine schedule end within
+    --max-minutes; the resolved count is what checkpoints and training_args record, and a resume adopts it."""
+    from ahn_runtime.train.__main__ import parser
+    with pytest.raises(ValueError, match="max-minutes"):
+        Trainer(_cfg(tmp_path, tmp_path / "none.jsonl.gz", steps=0), base=base)
+    assert parser().parse_args(["--base", "b", "--out", "o", "--steps", "auto"]).steps == 0
+    corpus = tmp_path / "train.jsonl.gz"
+    _write_corpus(corpus, n_docs=12)
+    t = Trainer(_cfg(tmp_path, corpus, steps=0, max_minutes=0.4, save_every=1), base=base)
+    summary = t.train()
+    took = time.time() - t.t_start
+    t.close()
+    auto = t.cfg.extra["auto_steps"]
+    assert t.cfg.steps == auto["steps"] >= 1 and auto["seconds_per_sequence"] > 0
+    assert took < 0.4 * 60 + 15, took
+    assert summary["steps"] == t.cfg.steps or summary["stopped_early"]  # a busy machine may still cut it short
+    if not summary["stopped_early"]:
+        assert t.history[-1]["lr"] < 0.05 * t.cfg.lr  # the schedule ran to its end
+    args = json.load(open(tmp_path / "out" / "training_args.json"))
+    assert args["config"]["steps"] == t.cfg.steps
+    ck = t.find_checkpoint("auto")
+    r = Trainer(_cfg(tmp_path, corpus, steps=0, max_minutes=0.4, resume=ck, out=str(tmp_path / "o2")), base=base)
+    assert r.cfg.steps == t.cfg.steps and r.step == summary["steps"]
+    r.close()
 
 
 def _free_port():

@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sink-choices", type=_ints, default=SINK_CHOICES,
                    help="sink counts to sample from, restricted to <= budget/2 (default %(default)s)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    g.add_argument("--steps", type=_steps, default=100,
+                   help="optimizer steps, or 'auto' with --max-minutes: as many as fit in that time (measured)")
     g.add_argument("--grad-accum", type=int, default=1, help="sequences per optimizer step and process")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight-decay", type=float, default=0.1)
@@ -80,6 +81,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _steps(text: str) -> int:
+    if text == "auto":
+        return 0
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("--steps must be >= 1 or 'auto'")
+    return n
 
 
 def config_from_args(a) -> "TrainConfig":  # noqa: F821

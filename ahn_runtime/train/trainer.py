@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import shutil
 import sys
 import time
@@ -264,8 +265,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           cosine_with_warmup(cfg.steps, cfg.warmup_ratio))
+        self._set_steps(cfg.steps)
         self.text_tokenizer = make_tokenizer(tok, hf.config)
         self.corpus = Corpus(cfg.data, self.text_tokenizer, split="train", cache_dir=cfg.cache_dir,
                              shard_docs=cfg.shard_docs, max_docs=cfg.max_docs)
@@ -289,8 +289,10 @@ class Trainer:
         from ..memory import VARIANTS
         if c.variant not in VARIANTS:
             raise ValueError(f"unknown variant {c.variant!r} (choose from {', '.join(VARIANTS)})")
-        if c.steps < 1 or c.grad_accum < 1 or c.seq_len < 2:
-            raise ValueError("steps, grad_accum must be >= 1 and seq_len >= 2")
+        if c.steps < 0 or c.grad_accum < 1 or c.seq_len < 2:
+            raise ValueError("steps must be >= 1 (or 0: auto), grad_accum >= 1 and seq_len >= 2")
+        if c.steps == 0 and not c.max_minutes:
+            raise ValueError("--steps auto needs --max-minutes (the step count is set to fill that time)")
         # fail early if no (budget, sinks) is possible for this sequence length
         sample_geometry(random.Random(0), c.seq_len, c.budget, c.sinks, c.budget_choices, c.sink_choices,
                         c.budget_min_divisor)
@@ -373,6 +375,8 @@ class Trainer:
         with torch.no_grad():
             for k, t in want.items():
                 t.copy_(tensors[k].to(t.device, t.dtype))
+        if self.cfg.steps == 0 and old.get("steps"):  # --steps auto: the resolved count of the interrupted run
+            self._set_steps(int(old["steps"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
@@ -454,9 +458,56 @@ class Trainer:
         return {"step": self.step, "loss": self._mean(loss_sum), "grad_norm": float(gnorm), "lr": lr,
                 "geometry": geo}
 
+    def _set_steps(self, steps: int):
+        """The total step count and the warm-up + cosine schedule over it (0 = auto, resolved before training)."""
+        self.cfg.steps = int(steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           cosine_with_warmup(max(1, steps), self.cfg.warmup_ratio))
+
+    def _auto_steps(self, limit: float) -> int:
+        """--steps auto: time forward + backward of one sequence at the largest budget that can be sampled (random
+        tokens: no data consumed, no update; the first pass also compiles / autotunes and is not counted), then
+        the number of optimizer steps that fills what is left of --max-minutes, so the schedule ends in time."""
+        cfg = self.cfg
+        budgets = [cfg.budget] if cfg.budget else budget_candidates(cfg.seq_len, cfg.budget_choices,
+                                                                     -1 if cfg.sinks is None else cfg.sinks,
+                                                                     cfg.budget_min_divisor)
+        B = max(budgets)
+        S = cfg.sinks if cfg.sinks is not None else min(sink_candidates(B, cfg.sink_choices))
+        ids = torch.randint(0, self.hf.config.vocab_size, (cfg.seq_len,),
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        times = []
+        for _ in range(3):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t = time.time()
+            loss, _ = self.model(ids, B - S, S)
+            loss.backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.time() - t)
+        self.optimizer.zero_grad(set_to_none=True)
+        per_step = statistics.mean(times[1:]) * cfg.grad_accum * 1.05
+        left = limit - (time.time() - self.t_start) - max(10.0, 0.02 * limit)  # + final checkpoint and export
+        steps = max(1, int(left // per_step))
+        if self.distributed:
+            import torch.distributed as dist
+            t = torch.tensor([steps], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            steps = int(t.item())
+        cfg.extra["auto_steps"] = {"seconds_per_sequence": round(statistics.mean(times[1:]), 4),
+                                   "first_pass_seconds": round(times[0], 2), "budget": B, "sinks": S,
+                                   "seconds_left": round(left, 1), "steps": steps}
+        if self.is_main:
+            log.info("--steps auto: %.3f s per sequence (budget %d), %.0f s left -> %d steps", times[1], B, left,
+                     steps)
+        return steps
+
     def train(self) -> dict:
         cfg = self.cfg
         limit = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+        if cfg.steps == 0:
+            self._set_steps(self._auto_steps(limit))
         bar = _Progress(cfg.steps, self.step, self.is_main and cfg.progress)
         log_path = os.path.join(cfg.out, "train_log.jsonl")
         if self.is_main:
