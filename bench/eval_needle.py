@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
     mean = {m: sum(sum(r.values()) for r in g.values()) / (len(lengths) * len(depths)) for m, g in acc.items()}
     res = {"base": args.base, "ahn": args.ahn, "window": args.window, "sinks": args.sinks, "lengths": lengths,
            "depths": depths, "trials": [{k: v for k, v in t.items() if k != "hay"} for t in trials],
-           "accuracy": acc, "mean_accuracy": mean, "cells": cells, "pending": pending,
+           "accuracy": acc, "mean_accuracy": mean, "outside_window": outside_window(cells, args.window),
+           "cells": cells, "pending": pending,
            "prompt": {"instruction": INSTRUCTION.replace(DOC, "{document}"), "question": QUESTION, "primer": PRIMER},
            "meta": run_meta(args, t0, time.time())}
     write_json(args.json, res)
@@ -137,8 +138,23 @@ def main(argv=None) -> dict:
     return res
 
 
+def outside_window(cells: dict, window: int) -> dict:
+    """Per mode: exact-match accuracy over the trials whose needle starts more than `window` tokens before the end
+    of the prompt (out of the window when the answer is generated; the issue's target compares these)."""
+    res = {}
+    for m, grid in cells.items():
+        runs = [c for row in grid.values() for v in row.values() for c in v if c["tokens_back"] > window]
+        ok = sum(c["ok"] for c in runs)
+        res[m] = {"trials": len(runs), "correct": ok, "accuracy": ok / len(runs) if runs else None}
+    return res
+
+
 def markdown(res: dict) -> str:
     out = []
+    ow = res.get("outside_window") or {}
+    if ow:
+        out.append("Needles out of the window (more than W tokens back): " + ", ".join(
+            f"{m} {v['correct']}/{v['trials']}" for m, v in ow.items()) + "\n")
     n = len(res["trials"])
     for m in ("full", "window", "ahn"):
         if m not in res["accuracy"]:

@@ -199,3 +199,16 @@ def test_eval_qa_and_needle_smoke_on_tiny_chat_model(tmp_path):
     cells = res["cells"]["ahn"]["288"]["0.2"]
     assert len(cells) == 2 and all(0 < c["needle_pos"] < 288 for c in cells)
     assert set(res["accuracy"]) == {"full", "ahn"} and (not plot or (tmp_path / "n.png").stat().st_size > 0)
+    ow = res["outside_window"]["ahn"]  # both depths put the needle more than W = 32 tokens back
+    assert ow["trials"] == 4 and ow["correct"] == sum(c["ok"] for v in res["cells"]["ahn"]["288"].values() for c in v)
+
+
+def test_needle_outside_window_accuracy():
+    from bench.eval_needle import outside_window
+    cell = lambda back, ok: {"tokens_back": back, "ok": ok}  # noqa: E731
+    cells = {"window": {"1024": {"0.25": [cell(750, False), cell(760, True)], "0.75": [cell(290, True)]}},
+             "ahn": {"1024": {"0.25": [cell(750, True), cell(760, True)], "0.75": [cell(290, False)]}}}
+    got = outside_window(cells, 512)
+    assert got == {"window": {"trials": 2, "correct": 1, "accuracy": 0.5},
+                   "ahn": {"trials": 2, "correct": 2, "accuracy": 1.0}}
+    assert outside_window(cells, 1000)["ahn"] == {"trials": 0, "correct": 0, "accuracy": None}
