@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import recurrent
+
 
 class GroupLinear(nn.Module):
     """Block-diagonal linear map: chunk i of the last dimension is multiplied on the right by weight[i].
@@ -62,6 +64,17 @@ class MemoryModule(nn.Module):
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    def forward(self, q, k, v, gates, xq, state):
+        kn, vv, g, beta = self.write_args(self.write_params(), k, v, gates)
+        r, state = recurrent.run(self.query(q), kn, vv, g, beta, self.scale, state)
+        return self.output(r, xq, v.dtype), state
+
+    def read(self, q, xq, state):
+        """Read only, from a state that already holds the writes of this position: q [n, H, D] -> [n, H*D]
+        (a subclass defines `write_params`, `write_args`, `query`, `scale` and `output`)."""
+        r = torch.einsum("hkv,nhk->nhv", state, self.query(q).float()) * self.scale
+        return self.output(r, xq, q.dtype)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -79,16 +79,6 @@ class GatedDeltaNet(MemoryModule):
         n = rms_normalize(r.to(dtype), 1e-5) * self.o_norm.weight.float() * (z * torch.sigmoid(z))[..., None]
         return self.o_proj(n.to(dtype).reshape(r.shape[0], -1))
 
-    def forward(self, q, k, v, gates, xq, state):
-        kn, vv, g, beta = self.write_args(self.write_params(), k, v, gates)
-        r, state = recurrent.run(self.query(q), kn, vv, g, beta, self.scale, state)
-        return self.output(r, xq, v.dtype), state
-
-    def read(self, q, xq, state):
-        """Read only, from a state that already holds the writes of this position: q [n, H, D] -> [n, H*D]."""
-        r = torch.einsum("hkv,nhk->nhv", state, self.query(q).float()) * self.scale
-        return self.output(r, xq, q.dtype)
-
 
 class DeltaNet(GatedDeltaNet):
     variant = "DeltaNet"

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import recurrent
 from .base import GroupLinear, MemoryModule, RMSGain, rms_normalize
 
 
@@ -70,13 +69,3 @@ class Mamba2(MemoryModule):
         u = (r.to(dtype).float() * F.silu(z)[..., None]).reshape(r.shape[0], -1)
         n = rms_normalize(u, 1e-5) * self.norm.weight.float()
         return self.o_proj(n.to(dtype))
-
-    def forward(self, q, k, v, gates, xq, state):
-        kn, vd, g, _ = self.write_args(self.write_params(), k, v, gates)
-        r, state = recurrent.run(self.query(q), kn, vd, g, None, self.scale, state)
-        return self.output(r, xq, v.dtype), state
-
-    def read(self, q, xq, state):
-        """Read only, from a state that already holds the writes of this position: q [n, H, D] -> [n, H*D]."""
-        r = torch.einsum("hkv,nhk->nhv", state, self.query(q).float()) * self.scale
-        return self.output(r, xq, q.dtype)
