@@ -63,7 +63,6 @@ class AHNModel:
         config.validate()
         self.hf = hf_model
         self.memories = memories
-        self._stacked = None  # (key, every layer's write parameters stacked) for _write_leaving
         self.config = config
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -268,11 +267,9 @@ class AHNModel:
         kw = state.k[:, :, slot].repeat_interleave(G, dim=1)  # [L, H, D]
         vw = state.v[:, :, slot].repeat_interleave(G, dim=1)
         gw = {g: state.gates[g][:, slot] for g in state.gates}  # [L, H]
-        key = tuple((p.data_ptr(), p._version) for m in mems for p in m.write_params().values())
-        if self._stacked is None or self._stacked[0] != key:
-            names = mems[0].write_params().keys()
-            self._stacked = (key, {n: torch.stack([m.write_params()[n] for m in mems]) for n in names})
-        k, v, g, beta = type(mems[0]).write_args(self._stacked[1], kw, vw, gw)
+        per_layer = [m.write_params() for m in mems]
+        stacked = {n: torch.stack([p[n] for p in per_layer]) for n in per_layer[0]}  # [L, H]: a few tiny copies
+        k, v, g, beta = type(mems[0]).write_args(stacked, kw, vw, gw)
         N = k.shape[0] * k.shape[1]
         if not state.memory.is_contiguous():
             state.memory = state.memory.contiguous()

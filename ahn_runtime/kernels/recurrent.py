@@ -47,7 +47,7 @@ def recurrent_ref(q, k, v, g=None, beta=None, scale=1.0, state=None):
     return out, S
 
 
-def write_ref(k, v, g=None, beta=None, state=None):
+def write_ref(k, v, g, beta, state):
     """One token written into N independent states (the update of `recurrent_ref` without the read), in place.
     k [N, K], v [N, V], g / beta [N] or None, state [N, K, V] float32. Returns state."""
     dt = state.dtype

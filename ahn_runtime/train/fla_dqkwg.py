@@ -21,8 +21,6 @@ import os
 
 import torch
 
-AFFECTED_MESSAGE = "gated chunk_bwd_dqkwg"  # fla's refusal message contains this
-
 
 def chunk_bwd_dqkwg_torch(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, dv=None, scale=None,
                           state_v_first=False, cu_seqlens=None, chunk_size=64, chunk_indices=None):

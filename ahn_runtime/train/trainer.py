@@ -487,7 +487,8 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             times.append(time.time() - t)
         self.optimizer.zero_grad(set_to_none=True)
-        per_step = statistics.mean(times[1:]) * cfg.grad_accum * 1.05
+        per_seq = statistics.mean(times[1:])
+        per_step = per_seq * cfg.grad_accum * 1.05  # 5 % for data loading and the optimizer
         left = limit - (time.time() - self.t_start) - max(10.0, 0.02 * limit)  # + final checkpoint and export
         steps = max(1, int(left // per_step))
         if self.distributed:
@@ -495,11 +496,11 @@ class Trainer:
             t = torch.tensor([steps], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             steps = int(t.item())
-        cfg.extra["auto_steps"] = {"seconds_per_sequence": round(statistics.mean(times[1:]), 4),
+        cfg.extra["auto_steps"] = {"seconds_per_sequence": round(per_seq, 4),
                                    "first_pass_seconds": round(times[0], 2), "budget": B, "sinks": S,
                                    "seconds_left": round(left, 1), "steps": steps}
         if self.is_main:
-            log.info("--steps auto: %.3f s per sequence (budget %d), %.0f s left -> %d steps", times[1], B, left,
+            log.info("--steps auto: %.3f s per sequence (budget %d), %.0f s left -> %d steps", per_seq, B, left,
                      steps)
         return steps
 
