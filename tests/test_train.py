@@ -218,7 +218,7 @@ def test_chunked_kl_matches_reference():
     hs = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     ht = torch.randn(50, 16, dtype=torch.float64)
     w = torch.randn(300, 16, dtype=torch.float64)
-    loss = ChunkedKL.apply(hs, ht, w, None, 7)
+    loss, rows = ChunkedKL.apply(hs, ht, w, None, 7)
     loss.backward()
     g = hs.grad.clone()
     hs.grad = None
@@ -226,6 +226,30 @@ def test_chunked_kl_matches_reference():
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()  # float32 log-softmax
     assert torch.allclose(g, hs.grad, atol=1e-5)
+    assert abs(rows.mean().item() - ref.item()) < 1e-5 * ref.item()
+
+
+def test_chunked_kl_row_weights_match_weighted_reference():
+    """Recall answers weighted up: loss = mean over rows of w_t * KL_t, gradient of exactly that."""
+    torch.manual_seed(1)
+    hs = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(40, 16, dtype=torch.float64)
+    w = torch.randn(300, 16, dtype=torch.float64)
+    rw = torch.ones(40)
+    rw[[3, 17, 39]] = 8.0
+    loss, rows = ChunkedKL.apply(hs, ht, w, None, 6, rw)
+    loss.backward()
+    g = hs.grad.clone()
+    hs.grad = None
+    lt, ls = (ht @ w.T).float().log_softmax(-1), (hs @ w.T).float().log_softmax(-1)
+    per_row = (lt.exp() * (lt - ls)).sum(-1)
+    ref = (per_row * rw.double()).mean()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    assert torch.allclose(g, hs.grad, atol=1e-5)
+    assert torch.allclose(rows, per_row.detach().float(), rtol=1e-5)
+    unweighted, _ = ChunkedKL.apply(hs.detach(), ht, w, None, 6)
+    assert loss.item() > unweighted.item() * 1.2  # the weights do change the loss
 
 
 def test_optimisation_lowers_kl(base):

@@ -42,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=4096, help="packed sequence length L")
     g.add_argument("--cache-dir", default=None, help=f"tokenised-shard cache (default {DEFAULT_CACHE})")
     g.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    g.add_argument("--recall-frac", type=float, default=0.0, metavar="P",
+                   help="turn this fraction of the sequences into recall QA: facts planted in the text, asked at the "
+                        "end (ahn_runtime/train/recall.py; default 0: plain text only)")
+    g.add_argument("--recall-weight", type=float, default=1.0,
+                   help="loss factor of the answer tokens of recall sequences (default 1)")
+    g.add_argument("--recall-max-facts", type=int, default=8, help="facts per recall sequence: 1..N (default 8)")
     g = p.add_argument_group("window / sinks (spec §4.2; budget = sinks + window)")
     g.add_argument("--budget", type=int, default=None, help="fixed total lossless budget S+W (default: sampled)")
     g.add_argument("--budget-choices", type=_ints, default=BUDGET_CHOICES,
@@ -103,7 +109,8 @@ def config_from_args(a) -> "TrainConfig":  # noqa: F821
                        grad_checkpointing=not a.no_grad_checkpointing,
                        loss_chunk=a.loss_chunk, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
                        resume=a.resume, max_minutes=a.max_minutes, cache_dir=a.cache_dir, max_docs=a.max_docs,
-                       init_ahn=a.init_ahn, log_every=a.log_every, progress=not a.no_progress)
+                       init_ahn=a.init_ahn, log_every=a.log_every, progress=not a.no_progress,
+                       recall_frac=a.recall_frac, recall_weight=a.recall_weight, recall_max_facts=a.recall_max_facts)
 
 
 def main(argv=None) -> int:

@@ -143,29 +143,35 @@ class ChunkedKL(torch.autograd.Function):
     one chunk of [chunk, vocab] float32 tensors is alive at a time and nothing of that size is saved."""
 
     @staticmethod
-    def forward(ctx, hs, ht, weight, bias, chunk):
+    def forward(ctx, hs, ht, weight, bias, chunk, row_weights=None):
+        """row_weights [n] float32 or None: per-row factors (the mean stays over n rows). Returns (loss, the rows'
+        plain KL [n] float32, not differentiable)."""
         n = hs.shape[0]
         need = ctx.needs_input_grad[0]
         grad = torch.empty_like(hs) if need else None
-        total = torch.zeros((), dtype=torch.float32, device=hs.device)
+        rows = torch.empty(n, dtype=torch.float32, device=hs.device)
         for i in range(0, n, chunk):
             ls = F.linear(hs[i:i + chunk], weight, bias).float().log_softmax(-1)
             lt = F.linear(ht[i:i + chunk], weight, bias).float().log_softmax(-1)
             pt = lt.exp()
-            total += (pt * (lt - ls)).sum()
+            rows[i:i + chunk] = (pt * (lt - ls)).sum(-1)
             if need:
                 d = ls.exp_().sub_(pt)  # d KL / d student logits
+                if row_weights is not None:
+                    d.mul_(row_weights[i:i + chunk, None])
                 grad[i:i + chunk] = (d.to(weight.dtype) @ weight).to(hs.dtype)
             del ls, lt, pt
+        total = rows.sum() if row_weights is None else (rows * row_weights).sum()
         if need:
             ctx.save_for_backward(grad)
         ctx.n = max(1, n)
-        return total / ctx.n
+        ctx.mark_non_differentiable(rows)
+        return total / ctx.n, rows
 
     @staticmethod
-    def backward(ctx, go):
+    def backward(ctx, go, _rows):
         (grad,) = ctx.saved_tensors
-        return grad * (go / ctx.n).to(grad.dtype), None, None, None, None
+        return grad * (go / ctx.n).to(grad.dtype), None, None, None, None, None
 
 
 def kl_reference(student_logits, teacher_logits):
@@ -320,8 +326,10 @@ class Distiller(nn.Module):
     def student_logits(self, ids, window, sinks):
         return self.rt.lm_head(self.rt.norm(self.student_hidden(ids, window, sinks))).float()
 
-    def forward(self, ids, window: int, sinks: int):
-        """KL(teacher || student) averaged over the positions t >= window + sinks. Returns (loss, n_positions)."""
+    def forward(self, ids, window: int, sinks: int, answer_mask=None, answer_weight: float = 1.0):
+        """KL(teacher || student) averaged over the positions t >= window + sinks; the terms of the positions in
+        answer_mask [L] bool (recall answers, see recall.py) count answer_weight times. Returns (loss,
+        n_positions); `self.last_stats` gets the plain mean KL and the answer positions' mean KL."""
         ids = torch.as_tensor(ids).reshape(-1)
         L = ids.shape[0]
         B = window + sinks
@@ -332,7 +340,13 @@ class Distiller(nn.Module):
         ht = rt.norm(self.teacher_hidden(ids)[B:])
         hs = rt.norm(self.student_hidden(ids, window, sinks)[B:])
         bias = getattr(rt.lm_head, "bias", None)
-        loss = ChunkedKL.apply(hs, ht, rt.lm_head.weight, bias, self.loss_chunk)
+        mask = None if answer_mask is None else torch.as_tensor(answer_mask, device=hs.device)[B:]
+        w = None if mask is None or answer_weight == 1 else 1.0 + (answer_weight - 1.0) * mask.float()
+        loss, rows = ChunkedKL.apply(hs, ht, rt.lm_head.weight, bias, self.loss_chunk, w)
+        stats = {"kl": rows.mean()}
+        if mask is not None and bool(mask.any()):
+            stats["answer_kl"] = rows[mask].mean()
+        object.__setattr__(self, "last_stats", stats)
         return loss, L - B
 
 

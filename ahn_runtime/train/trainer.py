@@ -68,6 +68,9 @@ class TrainConfig:
     max_docs: int | None = None
     shard_docs: int = 32
     init_ahn: str | None = None
+    recall_frac: float = 0.0  # fraction of sequences turned into recall QA (recall.py); 0 = plain text only
+    recall_weight: float = 1.0  # loss factor of the answer positions of a recall sequence
+    recall_max_facts: int = 8
     log_every: int = 1
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -270,6 +273,11 @@ class Trainer:
         self.corpus = Corpus(cfg.data, self.text_tokenizer, split="train", cache_dir=cfg.cache_dir,
                              shard_docs=cfg.shard_docs, max_docs=cfg.max_docs)
         self.data = PackedSequences(self.corpus, cfg.seq_len, cfg.seed, self.rank, self.world)
+        self.recall = None
+        if cfg.recall_frac > 0:
+            from .recall import RecallBuilder
+            self.recall = RecallBuilder(self.text_tokenizer, hf.config.vocab_size, min_distance=cfg.seq_len // 4,
+                                        max_facts=cfg.recall_max_facts)  # each step passes its own budget
         self.step = 0
         self.tokens = 0
         self.train_seconds = 0.0
@@ -291,6 +299,8 @@ class Trainer:
             raise ValueError(f"unknown variant {c.variant!r} (choose from {', '.join(VARIANTS)})")
         if c.steps < 0 or c.grad_accum < 1 or c.seq_len < 2:
             raise ValueError("steps must be >= 1 (or 0: auto), grad_accum >= 1 and seq_len >= 2")
+        if not 0 <= c.recall_frac <= 1 or c.recall_weight <= 0 or c.recall_max_facts < 1:
+            raise ValueError("need 0 <= recall_frac <= 1, recall_weight > 0 and recall_max_facts >= 1")
         if c.steps == 0 and not c.max_minutes:
             raise ValueError("--steps auto needs --max-minutes (the step count is set to fill that time)")
         # fail early if no (budget, sinks) is possible for this sequence length
@@ -436,18 +446,23 @@ class Trainer:
         """One optimizer step (grad_accum micro-batches on every rank). Returns the log record."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, geo = 0.0, []
+        loss_sum, geo, kls, answer_kls = 0.0, [], [], []
         for micro in range(cfg.grad_accum):
             ids = next(self.data)
             budget, sinks = sample_geometry(geometry_rng(cfg.seed, self.step, micro, self.rank), cfg.seq_len,
                                             cfg.budget, cfg.sinks, cfg.budget_choices, cfg.sink_choices,
                                             cfg.budget_min_divisor)
+            ids, mask = self._recall(ids, micro, budget)
             sync = (not self.distributed) or micro == cfg.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx:
-                loss, _ = self.model(ids, budget - sinks, sinks)
+                loss, _ = self.model(ids, budget - sinks, sinks, mask, cfg.recall_weight)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
+            stats = self.distiller.last_stats
+            kls.append(float(stats["kl"]))
+            if "answer_kl" in stats:
+                answer_kls.append(float(stats["answer_kl"]))
             geo.append((budget, sinks))
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -455,8 +470,24 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.tokens += cfg.seq_len * cfg.grad_accum * self.world
-        return {"step": self.step, "loss": self._mean(loss_sum), "grad_norm": float(gnorm), "lr": lr,
-                "geometry": geo}
+        rec = {"step": self.step, "loss": self._mean(loss_sum), "kl": sum(kls) / len(kls), "grad_norm": float(gnorm),
+               "lr": lr, "geometry": geo}
+        if answer_kls:  # this rank's recall sequences: mean KL at the answer positions
+            rec["answer_kl"] = sum(answer_kls) / len(answer_kls)
+        return rec
+
+    def _recall(self, ids: torch.Tensor, micro: int, budget: int | None = None):
+        """(ids, answer mask or None): with probability recall_frac (seeded by step, micro-batch and rank, so a
+        resumed run builds the same sequences) the packed sequence becomes a recall QA sequence."""
+        if self.recall is None:
+            return ids, None
+        rng = random.Random(f"ahn-recall-{self.cfg.seed}-{self.step}-{micro}-{self.rank}")
+        if rng.random() >= self.cfg.recall_frac:
+            return ids, None
+        built = self.recall.build(ids.numpy(), rng, budget)
+        if built is None:
+            return ids, None
+        return torch.from_numpy(built[0]), torch.from_numpy(built[1])
 
     def _set_steps(self, steps: int):
         """The total step count and the warm-up + cosine schedule over it (0 = auto, resolved before training)."""
@@ -534,8 +565,11 @@ class Trainer:
                         f.write(json.dumps(rec) + "\n")
                     if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.steps:
                         b, s = rec["geometry"][-1]
-                        bar.update(self.step, cfg.steps, {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_s:.0f}",
-                                                          "W+S": f"{b - s}+{s}", "lr": f"{rec['lr']:.2e}"})
+                        info = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{tok_s:.0f}", "W+S": f"{b - s}+{s}",
+                                "lr": f"{rec['lr']:.2e}"}
+                        if "answer_kl" in rec:
+                            info["answer KL"] = f"{rec['answer_kl']:.3f}"
+                        bar.update(self.step, cfg.steps, info)
                     elif bar.bar is not None:
                         bar.bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
