@@ -8,13 +8,20 @@ launches. `StaticDecoder` computes the same step with shapes fixed for a whole a
       plus at least one scratch slot that is never attended);
     - the position, the slot written and whether a token leaves the window live in small device tensors;
     - attention covers the whole buffer with a -inf bias on empty slots (`static_decode_attention`);
-    - the memory update always runs and is kept only when a token left the window (torch.where, exact).
+    - as in `step`, the token leaving the window (its cached K, V and gates, gathered from the slot about to be
+      overwritten) is written into every layer's memory at once, before the layers run, as one update over
+      L x H states, in place; that update always runs, on zeroed inputs when no token left the window (which
+      leaves the state exactly as it was); each layer then only reads its memory, and adds the read only when a
+      token left the window;
+    - the memory's small projections of the token (write gates and output gate) run as one GEMV per layer
+      (`decode_proj`).
 
 On CUDA the step is captured into a CUDA graph (after two warm-up runs that write only the scratch slot) and
 replayed; elsewhere the same fixed-shape step runs eagerly (used by the CPU tests to check it against `step`).
-Before capture, the memory update (plain PyTorch recurrence, ~40 small ops per layer) and the attention's
-softmax are compiled with torch.compile into a few fused kernels (one compiled function serves every layer:
-the layer's parameters are arguments); AHN_COMPILE=0 or a failed compile leaves them eager.
+Before capture, the batched memory write (plain PyTorch recurrence), the per-layer memory read and the
+attention's softmax are compiled with torch.compile into a few fused kernels (one compiled read serves every
+layer: the layer's memory module is an argument, and its parameters are graph inputs, not constants);
+AHN_COMPILE=0 or a failed compile leaves them eager.
 Decode with the official code's exclusion quirk (`official128`) is not supported here; `AHNModel.decoder` then
 returns the plain eager stepper.
 """
@@ -24,7 +31,7 @@ import logging
 import os
 
 import torch
-from torch.func import functional_call
+import torch.nn.functional as F
 
 from .kernels import recurrent
 from .kernels.attention import static_decode_attention
@@ -72,28 +79,31 @@ class StaticDecoder:
         self.graphed = dev.type == "cuda" if graph is None else graph
         self.graph = None
         self.out = None
-        self._mem_fn = _mem_step
-        self._attn_fn = static_decode_attention
-        if state.spec.has_memory:
-            self._params = [dict(mod.named_parameters()) for mod in model.memories]
+        self._write_fn, self._read_fn, self._attn_fn = _mem_write, _mem_read, static_decode_attention
+        if state.spec.has_memory:  # every layer's write parameters stacked once ([L, H]; fixed for the answer)
+            if not state.memory.is_contiguous():  # written in place through a [L * H, K, V] view
+                state.memory = state.memory.contiguous()
+            per_layer = [mod.write_params() for mod in model.memories]
+            with torch.no_grad():
+                self._wparams = {n: torch.stack([p[n] for p in per_layer]) for n in per_layer[0]}
+                self._proj = [mod.decode_proj() for mod in model.memories]  # [P, h] per layer: one GEMV
+            self._wcls = type(model.memories[0])
         self.compiled = False
         if self.graphed and os.environ.get("AHN_COMPILE", "1") != "0":
-            self._mem_fn, self._attn_fn = _compiled(model)
+            self._write_fn, self._read_fn, self._attn_fn = _compiled()
             self.compiled = True
 
     # ---- the fixed-shape step -----------------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
-        recurrent.FORCE_REFERENCE = True  # the T=1 recurrence as plain ops (no fla launch): fusable, capturable
-        try:
-            return self._layers()
-        finally:
-            recurrent.FORCE_REFERENCE = False
-
-    def _layers(self) -> torch.Tensor:
         m, st = self.model, self.state
         mem = st.spec.has_memory
-        H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
-        G = H // Hkv
+        H, D = m.n_heads, m.head_dim
+        G = H // m.n_kv_heads
+        if mem:  # gathered outside the compiled write: the buffers' slot count changes from answer to answer
+            kw = st.k.index_select(2, self.slot).squeeze(2).repeat_interleave(G, dim=1)  # [L, H, D]
+            vw = st.v.index_select(2, self.slot).squeeze(2).repeat_interleave(G, dim=1)
+            gw = {g: t.index_select(1, self.slot).squeeze(1) for g, t in st.gates.items()}  # [L, H]
+            self._write_fn(self._wcls, self._wparams, kw, vw, gw, st.memory, self.evict)
         x = m.embed(self.tok)
         cos, sin = m.rotary(x, self.pos)
         cos, sin = cos[0], sin[0]
@@ -101,23 +111,15 @@ class StaticDecoder:
             xn = rms(layer.input_layernorm, x)
             q, k, v = m._qkv(layer, xn, cos, sin)
             K, V = st.k[l], st.v[l]
-            if mem:
-                mod = m.memories[l]
-                gates = mod.gates(xn)
-                kw = K.index_select(1, self.slot).transpose(0, 1).repeat_interleave(G, dim=1)
-                vw = V.index_select(1, self.slot).transpose(0, 1).repeat_interleave(G, dim=1)
-                gw = {g: st.gates[g][l].index_select(0, self.slot) for g in gates}
             K.index_copy_(1, self.slot, k.transpose(0, 1))
             V.index_copy_(1, self.slot, v.transpose(0, 1))
             if mem:
+                gates, z = m.memories[l].split_proj(F.linear(xn, *self._proj[l]))
                 for g in gates:
                     st.gates[g][l].index_copy_(0, self.slot, gates[g])
             o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
             if mem:
-                r, new = self._mem_fn(m.memories[0], self._params[l], q, kw, vw, gw, xn, st.memory[l],
-                                      self.evict, self.keep)
-                st.memory[l].copy_(new)
-                o = o + r.view(1, H, D)
+                o = o + self._read_fn(m.memories[l], q, xn, st.memory[l], z, self.keep).view(1, H, D)
             x = m._finish_layer(layer, x, o)
         return m._logits(x, "last")[-1]
 
@@ -142,7 +144,8 @@ class StaticDecoder:
                 if not self.compiled:
                     raise
                 log.warning("torch.compile of the decode step failed (%s); using the eager pieces", e)
-                self._mem_fn, self._attn_fn, self.compiled = _mem_step, static_decode_attention, False
+                self._write_fn, self._read_fn, self._attn_fn = _mem_write, _mem_read, static_decode_attention
+                self.compiled = False
                 _COMPILED.clear()
                 _COMPILED["failed"] = True
                 for _ in range(2):
@@ -197,11 +200,22 @@ def decode_capacity(spec, n_slots: int, max_tokens: int) -> int:
     return -(-(need + 1) // SPLIT) * SPLIT
 
 
-def _mem_step(template, params, q, kw, vw, gw, xn, S, evict, keep):
-    """One memory write (the token leaving the window) and read, with the layer's parameters; the update is kept
-    only where `evict`. Returns (memory output [1, H*D] * keep, new state [H, D, D] float32)."""
-    r, new = functional_call(template, params, (q, kw, vw, gw, xn, S))
-    return r * keep, torch.where(evict, new, S)
+def _mem_write(cls, params, kw, vw, gw, memory, evict):
+    """Write one token into every layer's memory (memory [L, H, K, V] float32, in place): kw, vw [L, H, D], gates
+    gw {name: [L, H]}, params the layers' `write_params()` stacked ([L, H]), cls the memory module's class. When
+    not `evict`, the inputs are replaced by zeros first (key 0, log decay 0, beta 0: S * exp(0) + 0 = S exactly),
+    so the state is updated in place, one pass, and stays exactly as it was."""
+    k, v, g, beta = cls.write_args(params, kw, vw, gw)
+    L, H = k.shape[:2]
+    k, v, g, beta = (None if x is None else torch.where(evict, x, torch.zeros((), dtype=x.dtype, device=x.device))
+                     .reshape(L * H, *x.shape[2:]) for x in (k, v, g, beta))
+    recurrent.write_ref(k, v, g, beta, memory.view(L * H, *memory.shape[2:]))
+
+
+def _mem_read(mod, q, xn, S, z, keep):
+    """A layer's memory output [1, H*D] read from its (already written) state S, times keep: as in `step`, it is
+    added only when a token left the window in this step. z: the output gate's projection of xn."""
+    return mod.read(q, xn, S, z) * keep
 
 
 _COMPILED: dict = {}
@@ -217,12 +231,13 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[key]
 
 
-def _compiled(model):
-    """torch.compile'd (_mem_step, static_decode_attention), made once per process (they do not depend on the
-    layer, and recompile by themselves for new shapes)."""
+def _compiled():
+    """torch.compile'd (_mem_write, _mem_read, static_decode_attention), made once per process (they do not depend
+    on the layer or the model, and recompile by themselves for new shapes)."""
     if _COMPILED.get("failed"):
-        return _mem_step, static_decode_attention
+        return _mem_write, _mem_read, static_decode_attention
     if not _COMPILED:
-        _COMPILED["mem"] = torch.compile(_mem_step, dynamic=False)
+        _COMPILED["write"] = torch.compile(_mem_write, dynamic=False)
+        _COMPILED["read"] = torch.compile(_mem_read, dynamic=False)
         _COMPILED["attn"] = torch.compile(static_decode_attention, dynamic=False)
-    return _COMPILED["mem"], _COMPILED["attn"]
+    return _COMPILED["write"], _COMPILED["read"], _COMPILED["attn"]

@@ -44,8 +44,10 @@ CONFIGS = {
 }
 
 
-def build(name: str, quant: str, cfg: RuntimeConfig, variant: str = "GatedDeltaNet") -> AHNModel:
-    """Random weights of a real shape, built on the GPU in bf16 and quantized there (4-bit: 1/4 the memory)."""
+def build(name: str, quant: str, cfg: RuntimeConfig, variant: str = "GatedDeltaNet",
+          device: str = "cuda") -> AHNModel:
+    """Random weights of a real shape, built on the GPU (or `device`) in bf16 and quantized there (4-bit: 1/4 the
+    memory)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ahn_runtime.quantize import quantize_model
@@ -55,7 +57,7 @@ def build(name: str, quant: str, cfg: RuntimeConfig, variant: str = "GatedDeltaN
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             hf = Qwen2ForCausalLM(c).eval().requires_grad_(False)
             H, h = c.num_attention_heads, c.hidden_size
             mems = torch.nn.ModuleList([VARIANTS[variant](h, H, h // H) for _ in range(c.num_hidden_layers)])
@@ -65,7 +67,7 @@ def build(name: str, quant: str, cfg: RuntimeConfig, variant: str = "GatedDeltaN
         m.reset_parameters()
         m.o_proj.weight.data.normal_(0, 0.02)  # a working (non-zero) memory, as after training
     if quant != "none":
-        quantize_model(hf, quant, "cuda", torch.bfloat16)
+        quantize_model(hf, quant, device, torch.bfloat16)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     gc.collect()

@@ -1,5 +1,7 @@
 """The fixed-shape decode step (CUDA-graph form, here run eagerly on the CPU) = the plain per-token step: logits and
 final states, for every memory variant and mode, across sink filling, window filling and ring eviction."""
+import os
+
 import pytest
 import torch
 
@@ -67,3 +69,49 @@ def test_official_decode_uses_the_eager_step(qwen2_dir):
     model.prefill(st, random_ids(8, vocab=512))
     assert isinstance(model.decoder(st, 4), EagerDecoder)
     assert isinstance(model.decoder(st, 4, graph=False), EagerDecoder)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_static_step_without_eviction_leaves_the_state_exactly(qwen2_dir, variant):
+    """The batched memory write runs in every fixed-shape step; in a step where no token leaves the window (here
+    the capture's warm-up on the scratch slot) every layer's memory stays bit for bit, as do the valid slots,
+    and decoding afterwards still equals `step`."""
+    model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4), variant)
+    ids = random_ids(50, vocab=512, seed=7)
+    a, b = model.new_state("ahn"), model.new_state("ahn")
+    model.prefill(a, ids[:40])
+    model.prefill(b, ids[:40])
+    assert b.compressed > 0 and b.memory.abs().max() > 0
+    dec = model.decoder(b, 10, graph=False)
+    n = b.n_slots
+    with torch.inference_mode():
+        dec._set(3, b.pos, dec.scratch, False)
+        dec._step()
+    assert torch.equal(a.memory, b.memory)
+    assert torch.equal(a.k[:, :, :n], b.k[:, :, :n]) and torch.equal(a.v[:, :, :n], b.v[:, :, :n])
+    for g in a.gates:
+        assert torch.equal(a.gates[g][:, :n], b.gates[g][:, :n])
+    for t in ids[40:]:
+        assert (model.step(a, int(t))[-1] - dec(int(t))).abs().max() < 2e-4
+    _states_equal(a, b, 1e-5)
+
+
+@pytest.mark.slow
+def test_static_decoder_compiled_pieces_equal_step(qwen2_dir):
+    """The torch.compile'd batched write / per-layer read / attention (what the CUDA graph captures), here
+    compiled for the CPU: equal to `step` across window filling and eviction, with the warm-up discarded."""
+    import shutil
+    from ahn_runtime import decode
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4), "GatedDeltaNet")
+    ids = random_ids(50, vocab=512, seed=8)
+    a, b = model.new_state("ahn"), model.new_state("ahn")
+    model.prefill(a, ids[:10])
+    model.prefill(b, ids[:10])
+    dec = model.decoder(b, 40, graph=False)
+    dec._write_fn, dec._read_fn, dec._attn_fn = decode._compiled()
+    for t in ids[10:]:
+        assert (model.step(a, int(t))[-1] - dec(int(t))).abs().max() < 2e-4
+    assert a.compressed > 0
+    _states_equal(a, b, 1e-5)

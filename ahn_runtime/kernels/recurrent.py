@@ -140,14 +140,9 @@ def _run_fla(q, k, v, g, beta, scale, state):
     return o[0], S[0]
 
 
-FORCE_REFERENCE = False  # set around compiled decode steps: plain PyTorch ops that the compiler can fuse
-
-
 def run(q, k, v, g=None, beta=None, scale=1.0, state=None, use_fla: bool | None = None):
     """Dispatch by device: fla on CUDA (bf16/fp16 inputs), chunked PyTorch elsewhere, per-token loop for short
     inputs on the CPU (decode). q, k must already be normalised as the variant requires."""
-    if FORCE_REFERENCE and q.shape[0] <= 4:
-        return recurrent_ref(q, k, v, g, beta, scale, state)
     if use_fla is None:
         use_fla = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _fla() is not None
     if use_fla:

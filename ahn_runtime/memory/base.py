@@ -13,6 +13,10 @@ and, for decode, the same split in two:
                                 classmethod over parameters p (`write_params()`, or every layer's stacked), so
                                 that a decode step writes all layers' leaving tokens in one batched update
     read(q, xq, state)        -> m [n, H*D] from a state that already holds the writes
+and, for the fixed-shape decode step, every small projection of a token's xn as one matrix:
+    decode_proj()             -> (weight [P, h], bias [P] or None): the write gates' and the output gate's
+                                projections stacked, so a step runs one GEMV per layer for them, not two or three
+    split_proj(y)             -> (gates {name: [n, H]}, z [n, H]) from y = xn @ weight.T + bias
 """
 from __future__ import annotations
 
@@ -70,11 +74,18 @@ class MemoryModule(nn.Module):
         r, state = recurrent.run(self.query(q), kn, vv, g, beta, self.scale, state)
         return self.output(r, xq, v.dtype), state
 
-    def read(self, q, xq, state):
+    def read(self, q, xq, state, z=None):
         """Read only, from a state that already holds the writes of this position: q [n, H, D] -> [n, H*D]
-        (a subclass defines `write_params`, `write_args`, `query`, `scale` and `output`)."""
+        (a subclass defines `write_params`, `write_args`, `query`, `scale` and `output`). z: the output gate's
+        projection of xq when already computed (`split_proj`)."""
         r = torch.einsum("hkv,nhk->nhv", state, self.query(q).float()) * self.scale
-        return self.output(r, xq, q.dtype)
+        return self.output(r, xq, q.dtype, z)
+
+    def decode_proj(self):
+        lins = self.proj_linears()
+        w = torch.cat([lin.weight for lin in lins])
+        b = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
+        return w, b
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -73,9 +73,19 @@ class GatedDeltaNet(MemoryModule):
     def query(self, q):
         return recurrent.l2norm(q).to(q.dtype)
 
-    def output(self, r, xq, dtype):
-        """r [n, H, D] float32 (what the recurrence read) -> memory output [n, H*D]."""
-        z = self.g_proj(xq).float()  # one gate per head
+    def proj_linears(self):
+        return [self.b_proj] + ([self.a_proj] if self.gated else []) + [self.g_proj]
+
+    def split_proj(self, y):
+        H = self.num_heads
+        g = {"beta": torch.sigmoid(y[:, :H])}
+        if self.gated:
+            g["a"] = y[:, H:2 * H]
+        return g, y[:, -H:]
+
+    def output(self, r, xq, dtype, z=None):
+        """r [n, H, D] float32 (what the recurrence read) -> memory output [n, H*D]. z: g_proj(xq) if known."""
+        z = (self.g_proj(xq) if z is None else z).float()  # one gate per head
         n = rms_normalize(r.to(dtype), 1e-5) * self.o_norm.weight.float() * (z * torch.sigmoid(z))[..., None]
         return self.o_proj(n.to(dtype).reshape(r.shape[0], -1))
 

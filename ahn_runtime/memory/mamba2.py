@@ -63,9 +63,16 @@ class Mamba2(MemoryModule):
     def query(self, q):
         return F.normalize(q, dim=-1)
 
-    def output(self, r, xq, dtype):
-        """r [n, H, D] float32 (what the recurrence read) -> memory output [n, H*D]."""
-        z = self.g_proj(xq).float()
+    def proj_linears(self):
+        return [self.dt_proj, self.g_proj]
+
+    def split_proj(self, y):
+        H = self.num_heads
+        return {"dt": y[:, :H]}, y[:, H:]
+
+    def output(self, r, xq, dtype, z=None):
+        """r [n, H, D] float32 (what the recurrence read) -> memory output [n, H*D]. z: g_proj(xq) if known."""
+        z = (self.g_proj(xq) if z is None else z).float()
         u = (r.to(dtype).float() * F.silu(z)[..., None]).reshape(r.shape[0], -1)
         n = rms_normalize(u, 1e-5) * self.norm.weight.float()
         return self.o_proj(n.to(dtype))
