@@ -159,3 +159,18 @@ class PackedAgain:
 
     def __next__(self):
         return next(self.ps)
+
+
+def test_recall_falls_back_to_plain_lines_when_the_chat_template_drops_the_text():
+    if not os.path.isfile(GGUF):
+        pytest.skip("SmolLM2 test model not fetched")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"  # renders no content at all
+    tt = HFTokenizer(tok, 49152)
+    b = R.RecallBuilder(tt, 49152, min_distance=512, max_facts=3, chat_frac=1.0)
+    seq = _text_stream(tt, 2048)
+    built = b.build(seq, random.Random(0))
+    assert built is not None and b.chat_frac == 0.0
+    text = _check_sequence(tt, seq, built, 512, tok.decode)
+    assert R.PLAIN_INTRO.strip() in text and "<user>" not in text
