@@ -6,11 +6,11 @@ mode `full` (no memory) for comparison. Random weights of the real shapes, built
     python bench/profile_decode.py --tiny --out /tmp/profile_decode.json                  # CPU smoke check
 
 The profiled step is `StaticDecoder._step()` called again on the decoder's last token (the fixed shapes make it
-the same kernels as every step; it changes the state, which is dropped afterwards). Kernels are put in a category
-by the decoder piece that launched them (its memory write / read and attention functions are wrapped in profiler
-ranges here), the rest by kernel name (so the gather of the leaving token's K/V/gates and the gate projections
-count as elementwise / linear). --tiny: a tiny random Qwen2 on the CPU (no quantization, no graph, CPU ops
-instead of CUDA kernels).
+the same kernels as every step; it changes the state, which is dropped afterwards). CUDA kernels are put in a
+category by name (Triton kernels are the compiled memory write/read and softmax pieces); the decoder's memory
+write, memory read and attention functions are also wrapped in profiler ranges, whose device time is reported
+per step ("ranges_ms"). --tiny: a tiny random Qwen2 on the CPU (no quantization, no graph, CPU op self times,
+categorised by the range that called them).
 """
 from __future__ import annotations
 
