@@ -1,7 +1,8 @@
 """Where prefill and decode time goes (GPU): times one long prefill and graph decode, then profiles one
 steady-state prefill chunk and one eager decode step with torch.profiler (top CUDA kernels). A script.
 
-    python bench/profile_prefill.py --config qwen2.5-3b --quant nf4 --length 131072 --chunk 4096
+    python bench/profile_prefill.py --config qwen2.5-3b --quant nf4 --length 131072 --chunks 4096
+    python bench/profile_prefill.py --length 128k --cold      # first-use cost in a fresh process
 """
 from __future__ import annotations
 
@@ -29,10 +30,23 @@ def main():
     ap.add_argument("--sinks", type=int, default=128)
     ap.add_argument("--mode", default="ahn")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--cold", action="store_true",
+                    help="first time prefills in this fresh process, before any warm-up: S+W+3C tokens (the first "
+                         "with full chunks leaving the window) twice, then the whole length twice; then stop")
     a = ap.parse_args()
     L = lengths(a.length)[0]
     model = build(a.config, a.quant, RuntimeConfig(window=a.window, sinks=a.sinks))
     ids = torch.randint(0, model.vocab_size, (L,), device="cuda")
+    if a.cold:
+        C = int(a.chunks.split(",")[0])
+        m = model.with_config(RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=C))
+        for n in (a.sinks + a.window + 3 * C,) * 2 + (L,) * 2:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m.prefill(m.new_state(a.mode), ids[:n])
+            torch.cuda.synchronize()
+            print(f"cold-process prefill {a.mode} {n} tokens: {time.perf_counter() - t0:.2f} s", flush=True)
+        return
     for C in map(int, a.chunks.split(",")):
         m = model.with_config(RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=C))
         m.prefill(m.new_state(a.mode), ids[:a.sinks + a.window + 3 * C])  # warm-up / autotune
