@@ -33,8 +33,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .kernels import recurrent
 from .kernels.attention import static_decode_attention
+from .memory.base import stack_write_params, write_layers
 from .model import rms
 from .state import SequenceState
 
@@ -79,13 +79,12 @@ class StaticDecoder:
         self.graphed = dev.type == "cuda" if graph is None else graph
         self.graph = None
         self.out = None
-        self._write_fn, self._read_fn, self._attn_fn = _mem_write, _mem_read, static_decode_attention
+        self._write_fn, self._read_fn, self._attn_fn = write_layers, _mem_read, static_decode_attention
         if state.spec.has_memory:  # every layer's write parameters stacked once ([L, H]; fixed for the answer)
             if not state.memory.is_contiguous():  # written in place through a [L * H, K, V] view
                 state.memory = state.memory.contiguous()
-            per_layer = [mod.write_params() for mod in model.memories]
             with torch.no_grad():
-                self._wparams = {n: torch.stack([p[n] for p in per_layer]) for n in per_layer[0]}
+                self._wparams = stack_write_params(model.memories)
                 self._proj = [mod.decode_proj() for mod in model.memories]  # [P, h] per layer: one GEMV
             self._wcls = type(model.memories[0])
         self.compiled = False
@@ -144,7 +143,7 @@ class StaticDecoder:
                 if not self.compiled:
                     raise
                 log.warning("torch.compile of the decode step failed (%s); using the eager pieces", e)
-                self._write_fn, self._read_fn, self._attn_fn = _mem_write, _mem_read, static_decode_attention
+                self._write_fn, self._read_fn, self._attn_fn = write_layers, _mem_read, static_decode_attention
                 self.compiled = False
                 _COMPILED.clear()
                 _COMPILED["failed"] = True
@@ -200,18 +199,6 @@ def decode_capacity(spec, n_slots: int, max_tokens: int) -> int:
     return -(-(need + 1) // SPLIT) * SPLIT
 
 
-def _mem_write(cls, params, kw, vw, gw, memory, evict):
-    """Write one token into every layer's memory (memory [L, H, K, V] float32, in place): kw, vw [L, H, D], gates
-    gw {name: [L, H]}, params the layers' `write_params()` stacked ([L, H]), cls the memory module's class. When
-    not `evict`, the inputs are replaced by zeros first (key 0, log decay 0, beta 0: S * exp(0) + 0 = S exactly),
-    so the state is updated in place, one pass, and stays exactly as it was."""
-    k, v, g, beta = cls.write_args(params, kw, vw, gw)
-    L, H = k.shape[:2]
-    k, v, g, beta = (None if x is None else torch.where(evict, x, torch.zeros((), dtype=x.dtype, device=x.device))
-                     .reshape(L * H, *x.shape[2:]) for x in (k, v, g, beta))
-    recurrent.write_ref(k, v, g, beta, memory.view(L * H, *memory.shape[2:]))
-
-
 def _mem_read(mod, q, xn, S, z, keep):
     """A layer's memory output [1, H*D] read from its (already written) state S, times keep: as in `step`, it is
     added only when a token left the window in this step. z: the output gate's projection of xn."""
@@ -232,12 +219,12 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _compiled():
-    """torch.compile'd (_mem_write, _mem_read, static_decode_attention), made once per process (they do not depend
-    on the layer or the model, and recompile by themselves for new shapes)."""
+    """torch.compile'd (write_layers, _mem_read, static_decode_attention), made once per process (they do not
+    depend on the layer or the model, and recompile by themselves for new shapes)."""
     if _COMPILED.get("failed"):
-        return _mem_write, _mem_read, static_decode_attention
+        return write_layers, _mem_read, static_decode_attention
     if not _COMPILED:
-        _COMPILED["write"] = torch.compile(_mem_write, dynamic=False)
+        _COMPILED["write"] = torch.compile(write_layers, dynamic=False)
         _COMPILED["read"] = torch.compile(_mem_read, dynamic=False)
         _COMPILED["attn"] = torch.compile(static_decode_attention, dynamic=False)
     return _COMPILED["write"], _COMPILED["read"], _COMPILED["attn"]

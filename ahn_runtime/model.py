@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import recurrent
 from .kernels.attention import KeyBlock, decode_attention, window_attention
+from .memory.base import stack_write_params, write_layers
 from .state import MODES, SequenceState, StateSpec
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -263,18 +263,12 @@ class AHNModel:
         It depends only on that token's cached K, V and gates, so the L layers' writes run as one update over
         L x H states (a decode step then pays the recurrence's small ops once, not once per layer)."""
         G = self.n_heads // self.n_kv_heads
-        mems = self.memories
         kw = state.k[:, :, slot].repeat_interleave(G, dim=1)  # [L, H, D]
         vw = state.v[:, :, slot].repeat_interleave(G, dim=1)
         gw = {g: state.gates[g][:, slot] for g in state.gates}  # [L, H]
-        per_layer = [m.write_params() for m in mems]
-        stacked = {n: torch.stack([p[n] for p in per_layer]) for n in per_layer[0]}  # [L, H]: a few tiny copies
-        k, v, g, beta = type(mems[0]).write_args(stacked, kw, vw, gw)
-        N = k.shape[0] * k.shape[1]
         if not state.memory.is_contiguous():
             state.memory = state.memory.contiguous()
-        recurrent.write_ref(k.reshape(N, -1), v.reshape(N, -1), None if g is None else g.reshape(N),
-                            None if beta is None else beta.reshape(N), state.memory.view(N, *state.memory.shape[2:]))
+        write_layers(type(self.memories[0]), stack_write_params(self.memories), kw, vw, gw, state.memory)
 
     def decoder(self, state: SequenceState, max_tokens: int, graph: bool | None = None):
         """A callable token -> next logits [V] for up to max_tokens decode steps: the fixed-shape step (a CUDA

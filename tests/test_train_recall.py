@@ -29,20 +29,6 @@ def _text_stream(tt, n):
     return np.asarray(ids[:n], dtype=np.uint32)
 
 
-def _remove(ids: list[int], pieces: list[list[int]]) -> list[int]:
-    """ids with each piece (a contiguous run, in order) cut out once."""
-    out, i, k = [], 0, 0
-    while i < len(ids):
-        if k < len(pieces) and ids[i:i + len(pieces[k])] == pieces[k]:
-            i += len(pieces[k])
-            k += 1
-        else:
-            out.append(ids[i])
-            i += 1
-    assert k == len(pieces), "a planted statement was not found intact"
-    return out
-
-
 def _check_sequence(tt, seq, built, min_distance, decode):
     ids, mask = built
     L = len(seq)
@@ -71,12 +57,12 @@ def test_recall_sequences_real_tokenizer(chat_frac):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
     tt = HFTokenizer(tok, 49152)
-    b = R.RecallBuilder(tt, 49152, min_distance=1024, max_facts=6, chat_frac=chat_frac)
+    b = R.RecallBuilder(tt, 49152, max_facts=6, chat_frac=chat_frac)
     assert b.chat
     seq = _text_stream(tt, 4096)
     seen_chat = False
     for i in range(6):
-        built = b.build(seq, random.Random(i))
+        built = b.build(seq, random.Random(i), 1024)
         assert built is not None
         text = _check_sequence(tt, seq, built, 1024, tok.decode)
         seen_chat |= "<|im_start|>assistant" in text
@@ -85,12 +71,12 @@ def test_recall_sequences_real_tokenizer(chat_frac):
 
 def test_recall_byte_tokenizer_keeps_text_and_marks_answers():
     tt = ByteTokenizer(1024, None)
-    b = R.RecallBuilder(tt, 1024, min_distance=300, max_facts=3)
+    b = R.RecallBuilder(tt, 1024, max_facts=3)
     assert not b.chat and b.chat_frac == 0.0
     seq = _text_stream(tt, 3000)
     for i in range(5):
         rng = random.Random(100 + i)
-        built = b.build(seq, rng)
+        built = b.build(seq, rng, 300)
         ids, mask = built
         text = bytes(ids.astype(np.uint8).tolist()).decode()
         _check_sequence(tt, seq, built, 300, lambda x: bytes(np.asarray(x, dtype=np.uint8).tolist()).decode())
@@ -105,7 +91,7 @@ def test_recall_byte_tokenizer_keeps_text_and_marks_answers():
             body = body.replace(s, "", 1)
         assert body == bytes(seq[:len(body)].astype(np.uint8).tolist()).decode()
     # too short for min_distance: no recall sequence
-    assert b.build(seq[:320], random.Random(0)) is None
+    assert b.build(seq[:320], random.Random(0), 300) is None
 
 
 def test_recall_phrasing_is_disjoint_from_the_needle_evaluation():
@@ -127,7 +113,7 @@ def test_trainer_recall_weighted_loss_logged_and_deterministic(tmp_path):
     kw = dict(seq_len=512, steps=3, budget_choices=(64, 128), recall_frac=1.0, recall_weight=5.0,
               recall_max_facts=2, base=BASE)
     t1 = Trainer(_cfg(tmp_path, corpus, **kw))
-    ids0, mask0 = t1._recall(next(PackedAgain(t1)), 0)
+    ids0, mask0 = t1._recall(next(PackedAgain(t1)), 0, 128)
     assert mask0 is not None and mask0.sum() > 0
     t1.train()
     t1.close()
@@ -135,7 +121,7 @@ def test_trainer_recall_weighted_loss_logged_and_deterministic(tmp_path):
     assert all("answer_kl" in r and math.isfinite(r["answer_kl"]) and math.isfinite(r["kl"]) for r in recs)
     # same seed, same step -> the same recall sequence
     t2 = Trainer(_cfg(tmp_path, corpus, out=str(tmp_path / "o2"), **kw))
-    ids1, mask1 = t2._recall(next(PackedAgain(t2)), 0)
+    ids1, mask1 = t2._recall(next(PackedAgain(t2)), 0, 128)
     t2.close()
     assert torch.equal(ids0, ids1) and torch.equal(mask0, mask1)
     # weighting: the loss with answer_weight 5 exceeds the plain one by 4 x (answer KL sum) / n positions
@@ -168,9 +154,9 @@ def test_recall_falls_back_to_plain_lines_when_the_chat_template_drops_the_text(
     tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"  # renders no content at all
     tt = HFTokenizer(tok, 49152)
-    b = R.RecallBuilder(tt, 49152, min_distance=512, max_facts=3, chat_frac=1.0)
+    b = R.RecallBuilder(tt, 49152, max_facts=3, chat_frac=1.0)
     seq = _text_stream(tt, 2048)
-    built = b.build(seq, random.Random(0))
+    built = b.build(seq, random.Random(0), 512)
     assert built is not None and b.chat_frac == 0.0
     text = _check_sequence(tt, seq, built, 512, tok.decode)
     assert R.PLAIN_INTRO.strip() in text and "<user>" not in text

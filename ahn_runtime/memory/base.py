@@ -26,6 +26,27 @@ from torch import nn
 from ..kernels import recurrent
 
 
+def stack_write_params(memories) -> dict[str, torch.Tensor]:
+    """Every layer's `write_params()` stacked: {name: [L, H]} (for `write_layers`)."""
+    per_layer = [m.write_params() for m in memories]
+    return {n: torch.stack([p[n] for p in per_layer]) for n in per_layer[0]}
+
+
+def write_layers(cls, params, k, v, gates, memory, evict=None):
+    """One token written into every layer's memory at once, in place: memory [L, H, K, V] float32 (contiguous),
+    k, v [L, H, D], gates {name: [L, H]}, params `stack_write_params(...)`, cls the memory module class.
+    evict: None, or a bool device tensor; where False the recurrence inputs are zeros (key 0, log decay 0,
+    beta 0: S * exp(0) + 0 = S exactly), so a fixed-shape step can always run the write."""
+    k, v, g, beta = cls.write_args(params, k, v, gates)
+    L, H = k.shape[:2]
+    xs = (k, v, g, beta)
+    if evict is not None:
+        xs = tuple(None if x is None else torch.where(evict, x, torch.zeros((), dtype=x.dtype, device=x.device))
+                   for x in xs)
+    k, v, g, beta = (None if x is None else x.reshape(L * H, *x.shape[2:]) for x in xs)
+    recurrent.write_ref(k, v, g, beta, memory.view(L * H, *memory.shape[2:]))
+
+
 class GroupLinear(nn.Module):
     """Block-diagonal linear map: chunk i of the last dimension is multiplied on the right by weight[i].
     weight: [groups, in/groups, out/groups]; x [..., in] -> [..., out]. No bias."""

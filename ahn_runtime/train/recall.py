@@ -134,13 +134,12 @@ def boundary_ids(tt, vocab_size: int) -> np.ndarray:
 # the builder
 
 class RecallBuilder:
-    """build(seq, rng) -> (ids int64 [L], answer_mask bool [L]) or None. answer_mask[t] is True where the logits
-    at position t predict an answer token (the loss positions to weight). None when the sequence is too short for
-    the facts, questions and `min_distance`."""
+    """build(seq, rng, min_distance) -> (ids int64 [L], answer_mask bool [L]) or None. answer_mask[t] is True
+    where the logits at position t predict an answer token (the loss positions to weight). None when the sequence
+    is too short for the facts, questions and `min_distance`."""
 
-    def __init__(self, tt, vocab_size: int, min_distance: int, max_facts: int = 8, chat_frac: float = 0.5,
-                 snap: int = 64):
-        self.tt, self.min_distance, self.max_facts, self.snap = tt, int(min_distance), int(max_facts), int(snap)
+    def __init__(self, tt, vocab_size: int, max_facts: int = 8, chat_frac: float = 0.5, snap: int = 64):
+        self.tt, self.max_facts, self.snap = tt, int(max_facts), int(snap)
         tok = getattr(tt, "tok", None)
         self.chat = tok is not None and bool(getattr(tok, "chat_template", None))
         self.chat_frac = chat_frac if self.chat else 0.0
@@ -174,9 +173,9 @@ class RecallBuilder:
         tail_ids, marks = encode_marked(self.tt, pieces)
         return encode(self.tt, head), tail_ids, marks
 
-    def build(self, seq, rng: random.Random, min_distance: int | None = None):
-        """min_distance: this sequence's (the trainer passes the step's budget S + W), default the builder's."""
-        far = self.min_distance if min_distance is None else int(min_distance)
+    def build(self, seq, rng: random.Random, min_distance: int):
+        """min_distance: tokens from every fact to the end of the text (the trainer passes the step's S + W)."""
+        far = int(min_distance)
         seq = np.asarray(seq)
         L = len(seq)
         chat = rng.random() < self.chat_frac

@@ -276,8 +276,7 @@ class Trainer:
         self.recall = None
         if cfg.recall_frac > 0:
             from .recall import RecallBuilder
-            self.recall = RecallBuilder(self.text_tokenizer, hf.config.vocab_size, min_distance=cfg.seq_len // 4,
-                                        max_facts=cfg.recall_max_facts)  # each step passes its own budget
+            self.recall = RecallBuilder(self.text_tokenizer, hf.config.vocab_size, max_facts=cfg.recall_max_facts)
         self.step = 0
         self.tokens = 0
         self.train_seconds = 0.0
@@ -476,9 +475,10 @@ class Trainer:
             rec["answer_kl"] = sum(answer_kls) / len(answer_kls)
         return rec
 
-    def _recall(self, ids: torch.Tensor, micro: int, budget: int | None = None):
+    def _recall(self, ids: torch.Tensor, micro: int, budget: int):
         """(ids, answer mask or None): with probability recall_frac (seeded by step, micro-batch and rank, so a
-        resumed run builds the same sequences) the packed sequence becomes a recall QA sequence."""
+        resumed run builds the same sequences) the packed sequence becomes a recall QA sequence whose facts are at
+        least `budget` (S + W) tokens before the questions."""
         if self.recall is None:
             return ids, None
         rng = random.Random(f"ahn-recall-{self.cfg.seed}-{self.step}-{micro}-{self.rank}")
