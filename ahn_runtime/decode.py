@@ -33,9 +33,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .kernels import nf4
 from .kernels.attention import static_decode_attention
 from .memory.base import stack_write_params, write_layers
-from .model import rms
+from .model import rms, rotate_half
 from .state import SequenceState
 
 SPLIT = 512
@@ -79,7 +80,10 @@ class StaticDecoder:
         self.graphed = dev.type == "cuda" if graph is None else graph
         self.graph = None
         self.out = None
-        self._write_fn, self._read_fn, self._attn_fn = write_layers, _mem_read, static_decode_attention
+        self._eager_pieces()
+        self._silu = getattr(model.hf.config, "hidden_act", None) == "silu" and hasattr(model.layers[0].mlp, "up_proj")
+        fast4 = self.graphed and nf4.use_triton(self.tok) and os.environ.get("AHN_NF4_GEMV", "0") == "1"
+        self._w4 = [_layer_4bit(layer) if fast4 else None for layer in model.layers]
         if state.spec.has_memory:  # every layer's write parameters stacked once ([L, H]; fixed for the answer)
             if not state.memory.is_contiguous():  # written in place through a [L * H, K, V] view
                 state.memory = state.memory.contiguous()
@@ -89,15 +93,21 @@ class StaticDecoder:
             self._wcls = type(model.memories[0])
         self.compiled = False
         if self.graphed and os.environ.get("AHN_COMPILE", "1") != "0":
-            self._write_fn, self._read_fn, self._attn_fn = _compiled()
+            self._set_pieces(_compiled())
             self.compiled = True
+
+    def _eager_pieces(self):
+        self._set_pieces((write_layers, _attend, _rope2, _add_norm, _silu_mul))
+
+    def _set_pieces(self, fns):
+        self._write_fn, self._attn_fn, self._rope_fn, self._norm_fn, self._glu_fn = fns
 
     # ---- the fixed-shape step -----------------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
         m, st = self.model, self.state
         mem = st.spec.has_memory
-        H, D = m.n_heads, m.head_dim
-        G = H // m.n_kv_heads
+        H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
+        G = H // Hkv
         if mem:  # gathered outside the compiled write: the buffers' slot count changes from answer to answer
             kw = st.k.index_select(2, self.slot).squeeze(2).repeat_interleave(G, dim=1)  # [L, H, D]
             vw = st.v.index_select(2, self.slot).squeeze(2).repeat_interleave(G, dim=1)
@@ -106,9 +116,18 @@ class StaticDecoder:
         x = m.embed(self.tok)
         cos, sin = m.rotary(x, self.pos)
         cos, sin = cos[0], sin[0]
-        for l, layer in enumerate(m.layers):
-            xn = rms(layer.input_layernorm, x)
-            q, k, v = m._qkv(layer, xn, cos, sin)
+        layers = m.layers
+        xn = rms(layers[0].input_layernorm, x)
+        for l, layer in enumerate(layers):
+            at, w4 = layer.self_attn, self._w4[l]
+            if w4 is not None and w4["qkv"] is not None:
+                q, k, v = nf4.gemv3(xn, w4["qkv"]).split([H * D, Hkv * D, Hkv * D], -1)
+            else:
+                q, k, v = self._lin(at.q_proj, xn), self._lin(at.k_proj, xn), self._lin(at.v_proj, xn)
+            q, k, v = q.view(1, H, D), k.view(1, Hkv, D), v.view(1, Hkv, D)
+            if getattr(at, "q_norm", None) is not None:  # Qwen3
+                q, k = at.q_norm(q), at.k_norm(k)
+            q, k = self._rope_fn(q, k, cos, sin)
             K, V = st.k[l], st.v[l]
             K.index_copy_(1, self.slot, k.transpose(0, 1))
             V.index_copy_(1, self.slot, v.transpose(0, 1))
@@ -116,11 +135,27 @@ class StaticDecoder:
                 gates, z = m.memories[l].split_proj(F.linear(xn, *self._proj[l]))
                 for g in gates:
                     st.gates[g][l].index_copy_(0, self.slot, gates[g])
-            o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
-            if mem:
-                o = o + self._read_fn(m.memories[l], q, xn, st.memory[l], z, self.keep).view(1, H, D)
-            x = m._finish_layer(layer, x, o)
-        return m._logits(x, "last")[-1]
+                o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT, m.memories[l], xn, st.memory[l], z, self.keep)
+            else:
+                o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
+            y = self._lin(at.o_proj, o.reshape(1, H * D), w4 and w4["o"])
+            ln = layer.post_attention_layernorm
+            x, xn = self._norm_fn(x, y, ln.weight, _eps(ln))
+            y = self._mlp(layer.mlp, xn, w4)
+            ln = layers[l + 1].input_layernorm if l + 1 < len(layers) else m.norm
+            x, xn = self._norm_fn(x, y, ln.weight, _eps(ln))
+        return m.lm_head(xn).float()[-1]
+
+    def _lin(self, mod, x, w4=None):
+        return mod(x) if w4 is None else nf4.gemv(x, w4)
+
+    def _mlp(self, mlp, xn, w4):
+        if w4 is not None and w4["glu"] is not None:
+            return nf4.gemv(nf4.glu(xn, *w4["glu"]), w4["down"])
+        if not self._silu:
+            return mlp(xn)
+        h = self._glu_fn(self._lin(mlp.gate_proj, xn), self._lin(mlp.up_proj, xn))
+        return self._lin(mlp.down_proj, h, w4 and w4["down"])
 
     def _set(self, token: int, pos: int, slot: int, evict: bool):
         self.tok.fill_(int(token))
@@ -143,7 +178,7 @@ class StaticDecoder:
                 if not self.compiled:
                     raise
                 log.warning("torch.compile of the decode step failed (%s); using the eager pieces", e)
-                self._write_fn, self._read_fn, self._attn_fn = write_layers, _mem_read, static_decode_attention
+                self._eager_pieces()
                 self.compiled = False
                 _COMPILED.clear()
                 _COMPILED["failed"] = True
@@ -199,10 +234,51 @@ def decode_capacity(spec, n_slots: int, max_tokens: int) -> int:
     return -(-(need + 1) // SPLIT) * SPLIT
 
 
-def _mem_read(mod, q, xn, S, z, keep):
-    """A layer's memory output [1, H*D] read from its (already written) state S, times keep: as in `step`, it is
-    added only when a token left the window in this step. z: the output gate's projection of xn."""
-    return mod.read(q, xn, S, z) * keep
+def _attend(q, K, V, bias, scale, split, mod=None, xn=None, S=None, z=None, keep=None):
+    """Attention over the whole fixed-shape cache [1, H, D], plus, with a memory module, the layer's memory output
+    read from its (already written) state S times keep: as in `step`, the read is added only when a token left
+    the window in this step. z: the output gate's projection of xn."""
+    o = static_decode_attention(q, K, V, bias, scale, split)
+    if mod is None:
+        return o
+    return o + (mod.read(q, xn, S, z) * keep).view(o.shape)
+
+
+def _rope2(q, k, cos, sin):
+    """RoPE of one token's q [1, H, D] and k [1, Hkv, D] (the ops of `AHNModel._qkv`)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def _add_norm(x, y, w, eps: float):
+    """The residual add, then the next RMSNorm (the HF module's arithmetic): (x + y, norm(x + y))."""
+    h = x + y
+    f = h.float()
+    return h, w * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def _silu_mul(g, u):
+    return F.silu(g) * u
+
+
+def _eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
+
+
+def _layer_4bit(layer) -> dict | None:
+    """The layer's bitsandbytes 4-bit weights as `nf4.Nf4Params` for the Triton GEMVs, grouped for one launch
+    (q/k/v; gate/up with the activation), or None when its linears are not 4-bit."""
+    at, mlp = layer.self_attn, layer.mlp
+    p = {n: nf4.Nf4Params.of(getattr(at, n + "_proj", None)) for n in "qkvo"}
+    for n in ("gate", "up", "down"):
+        p[n] = nf4.Nf4Params.of(getattr(mlp, n + "_proj", None))
+    if all(v is None for v in p.values()):
+        return None
+    qkv = [p["q"], p["k"], p["v"]]
+    glu = [p["gate"], p["up"]]
+    silu = getattr(getattr(mlp, "act_fn", None), "__class__", type(None)).__name__ in ("SiLU", "SiLUActivation")
+    return {"qkv": qkv if all(qkv) and nf4.same_layout(*qkv) else None, "o": p["o"], "down": p["down"],
+            "glu": glu if all(glu) and silu and nf4.same_layout(*glu) and glu[0].N == glu[1].N else None}
 
 
 _COMPILED: dict = {}
@@ -218,13 +294,15 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[key]
 
 
+_PIECES = (write_layers, _attend, _rope2, _add_norm, _silu_mul)
+
+
 def _compiled():
-    """torch.compile'd (write_layers, _mem_read, static_decode_attention), made once per process (they do not
-    depend on the layer or the model, and recompile by themselves for new shapes)."""
+    """torch.compile'd `_PIECES` (the batched memory write, attention + memory read, RoPE, residual + RMSNorm,
+    the MLP's activation), made once per process: they do not depend on the layer or the model (a memory module
+    is an argument, its parameters graph inputs), and recompile by themselves for new shapes."""
     if _COMPILED.get("failed"):
-        return write_layers, _mem_read, static_decode_attention
+        return _PIECES
     if not _COMPILED:
-        _COMPILED["write"] = torch.compile(write_layers, dynamic=False)
-        _COMPILED["read"] = torch.compile(_mem_read, dynamic=False)
-        _COMPILED["attn"] = torch.compile(static_decode_attention, dynamic=False)
-    return _COMPILED["write"], _COMPILED["read"], _COMPILED["attn"]
+        _COMPILED["fns"] = tuple(torch.compile(f, dynamic=False) for f in _PIECES)
+    return _COMPILED["fns"]

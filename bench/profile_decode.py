@@ -35,10 +35,11 @@ from ahn_runtime import RuntimeConfig  # noqa: E402
 
 DEFAULTS = dict(config="qwen2.5-3b", quant="nf4", window=32640, sinks=128, length="32k", chunk=4096, device="cuda")
 TINY = dict(config="tiny", quant="none", window=120, sinks=8, length="512", chunk=128, device="cpu")
-SCOPES = {"ahn.memory_write": "memory", "ahn.memory_read": "memory", "ahn.attention": "attention"}
+SCOPES = {"ahn.memory_write": "memory write", "ahn.attention+memory_read": "attention + memory read"}
 NAME_RULES = [  # (category, pattern) for kernels outside the scopes above, first match wins
     ("other", r"^mem(cpy|set)"),
-    ("compiled (memory write/read, attention softmax)", r"^triton_"),  # only the compiled pieces are triton
+    ("linear (4-bit GEMV, ours)", r"_gemv_kernel|_gemv3_kernel|_glu_kernel"),
+    ("compiled (RoPE, residual + norm, activation)", r"^triton_"),  # inductor's kernels
     ("linear (gemv, bnb 4-bit)", r"gemv|gemm|4bit|dequantize|nvjet|cutlass|xmma|aten::(addmm|mm|linear|matmul)"),
     ("rmsnorm/elementwise", r"norm|elementwise|vectorized|reduce|unrolled|index|copy|cat|fill|aten::"),
 ]
@@ -109,8 +110,7 @@ def profile_step(dec, a, sync) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     dec._write_fn = _scoped("ahn.memory_write", dec._write_fn)
-    dec._read_fn = _scoped("ahn.memory_read", dec._read_fn)
-    dec._attn_fn = _scoped("ahn.attention", dec._attn_fn)
+    dec._attn_fn = _scoped("ahn.attention+memory_read", dec._attn_fn)
     cuda = a.device == "cuda"
     with torch.inference_mode():
         walls = []
@@ -184,6 +184,8 @@ def main():
     ap.add_argument("--profile-steps", type=int, default=10, help="ungraphed steps profiled")
     ap.add_argument("--rows", type=int, default=25, help="kernels listed")
     ap.add_argument("--no-full", action="store_true", help="skip the mode `full` comparison")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time the graphed ahn step with bitsandbytes' own 4-bit GEMV (AHN_NF4_GEMV=0)")
     ap.add_argument("--out", default=None, help="JSON file")
     a = ap.parse_args()
     for k, v in (TINY if a.tiny else DEFAULTS).items():
@@ -197,7 +199,7 @@ def main():
             "device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "python": platform.python_version(), "config": a.config, "quant": a.quant,
             "variant": a.variant, "window": a.window, "sinks": a.sinks, "tokens": L, "chunk": a.chunk,
-            "AHN_COMPILE": os.environ.get("AHN_COMPILE", "1")}
+            "AHN_COMPILE": os.environ.get("AHN_COMPILE", "1"), "AHN_NF4_GEMV": os.environ.get("AHN_NF4_GEMV", "1")}
     print(json.dumps(meta), flush=True)
     t0 = time.perf_counter()
     model = build(a.config, a.quant, RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=a.chunk), a.variant,
@@ -206,6 +208,10 @@ def main():
     torch.manual_seed(1)
     ids = torch.randint(0, model.vocab_size, (L,), device=a.device)
     res = {"meta": meta, "ahn": decode_run(model, "ahn", ids, a, sync, profile=True)}
+    if a.ablate:
+        os.environ["AHN_NF4_GEMV"] = "0"
+        res["ahn_bnb_gemv"] = decode_run(model, "ahn", ids, a, sync, profile=False)
+        os.environ.pop("AHN_NF4_GEMV")
     if not a.no_full:
         res["full"] = decode_run(model, "full", ids, a, sync, profile=False)
         res["ahn_over_full"] = round(res["ahn"]["median_ms"] / res["full"]["median_ms"], 3)

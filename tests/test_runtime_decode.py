@@ -98,8 +98,9 @@ def test_static_step_without_eviction_leaves_the_state_exactly(qwen2_dir, varian
 
 @pytest.mark.slow
 def test_static_decoder_compiled_pieces_equal_step(qwen2_dir):
-    """The torch.compile'd batched write / per-layer read / attention (what the CUDA graph captures), here
-    compiled for the CPU: equal to `step` across window filling and eviction, with the warm-up discarded."""
+    """The torch.compile'd pieces (batched write, attention + memory read, RoPE, residual + norm, activation:
+    what the CUDA graph captures), here compiled for the CPU: equal to `step` across window filling and
+    eviction, with the warm-up discarded."""
     import shutil
     from ahn_runtime import decode
     if shutil.which(os.environ.get("CXX", "g++")) is None:
@@ -110,7 +111,7 @@ def test_static_decoder_compiled_pieces_equal_step(qwen2_dir):
     model.prefill(a, ids[:10])
     model.prefill(b, ids[:10])
     dec = model.decoder(b, 40, graph=False)
-    dec._write_fn, dec._read_fn, dec._attn_fn = decode._compiled()
+    dec._set_pieces(decode._compiled())
     for t in ids[10:]:
         assert (model.step(a, int(t))[-1] - dec(int(t))).abs().max() < 2e-4
     assert a.compressed > 0
