@@ -7,21 +7,24 @@ launches. `StaticDecoder` computes the same step with shapes fixed for a whole a
     - the state's buffers are reserved once for the answer (capacity rounded up to a multiple of `SPLIT`,
       plus at least one scratch slot that is never attended);
     - the position, the slot written and whether a token leaves the window live in small device tensors;
-    - attention covers the whole buffer with a -inf bias on empty slots (`static_decode_attention`);
+    - attention covers the whole buffer with a -inf bias on empty slots (`static_decode_attention`; on CUDA the
+      two Triton flash-decoding kernels of `kernels/decode_attention.py`);
     - as in `step`, the token leaving the window (its cached K, V and gates, gathered from the slot about to be
       overwritten) is written into every layer's memory at once, before the layers run, as one update over
       L x H states, in place; that update always runs, on zeroed inputs when no token left the window (which
       leaves the state exactly as it was); each layer then only reads its memory, and adds the read only when a
       token left the window;
     - the memory's small projections of the token (write gates and output gate) run as one GEMV per layer
-      (`decode_proj`).
+      (`decode_proj`);
+    - between the linears, the elementwise work is a few fused pieces: RoPE of q and k, the residual add with
+      the next RMSNorm, the MLP's SiLU * up, the memory read with its add.
 
 On CUDA the step is captured into a CUDA graph (after two warm-up runs that write only the scratch slot) and
 replayed; elsewhere the same fixed-shape step runs eagerly (used by the CPU tests to check it against `step`).
-Before capture, the batched memory write (plain PyTorch recurrence), the per-layer memory read and the
-attention's softmax are compiled with torch.compile into a few fused kernels (one compiled read serves every
-layer: the layer's memory module is an argument, and its parameters are graph inputs, not constants);
-AHN_COMPILE=0 or a failed compile leaves them eager.
+Before capture, those pieces and the batched memory write (plain PyTorch recurrence) are compiled with
+torch.compile into fused kernels (one compiled read serves every layer: the layer's memory module is an
+argument, and its parameters are graph inputs, not constants); AHN_COMPILE=0 or a failed compile leaves them
+eager (and the attention the PyTorch reference); AHN_DECODE_ATTENTION=torch keeps the compiled reference attention.
 Decode with the official code's exclusion quirk (`official128`) is not supported here; `AHNModel.decoder` then
 returns the plain eager stepper.
 """
@@ -33,7 +36,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .kernels import nf4
+from .kernels import decode_attention
 from .kernels.attention import static_decode_attention
 from .memory.base import stack_write_params, write_layers
 from .model import rms, rotate_half
@@ -82,8 +85,6 @@ class StaticDecoder:
         self.out = None
         self._eager_pieces()
         self._silu = getattr(model.hf.config, "hidden_act", None) == "silu" and hasattr(model.layers[0].mlp, "up_proj")
-        fast4 = self.graphed and nf4.use_triton(self.tok) and os.environ.get("AHN_NF4_GEMV", "0") == "1"
-        self._w4 = [_layer_4bit(layer) if fast4 else None for layer in model.layers]
         if state.spec.has_memory:  # every layer's write parameters stacked once ([L, H]; fixed for the answer)
             if not state.memory.is_contiguous():  # written in place through a [L * H, K, V] view
                 state.memory = state.memory.contiguous()
@@ -97,10 +98,10 @@ class StaticDecoder:
             self.compiled = True
 
     def _eager_pieces(self):
-        self._set_pieces((write_layers, _attend, _rope2, _add_norm, _silu_mul))
+        self._set_pieces(_PIECES)
 
     def _set_pieces(self, fns):
-        self._write_fn, self._attn_fn, self._rope_fn, self._norm_fn, self._glu_fn = fns
+        self._write_fn, self._attn_fn, self._read_fn, self._rope_fn, self._norm_fn, self._glu_fn = fns
 
     # ---- the fixed-shape step -----------------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
@@ -119,12 +120,8 @@ class StaticDecoder:
         layers = m.layers
         xn = rms(layers[0].input_layernorm, x)
         for l, layer in enumerate(layers):
-            at, w4 = layer.self_attn, self._w4[l]
-            if w4 is not None and w4["qkv"] is not None:
-                q, k, v = nf4.gemv3(xn, w4["qkv"]).split([H * D, Hkv * D, Hkv * D], -1)
-            else:
-                q, k, v = self._lin(at.q_proj, xn), self._lin(at.k_proj, xn), self._lin(at.v_proj, xn)
-            q, k, v = q.view(1, H, D), k.view(1, Hkv, D), v.view(1, Hkv, D)
+            at = layer.self_attn
+            q, k, v = at.q_proj(xn).view(1, H, D), at.k_proj(xn).view(1, Hkv, D), at.v_proj(xn).view(1, Hkv, D)
             if getattr(at, "q_norm", None) is not None:  # Qwen3
                 q, k = at.q_norm(q), at.k_norm(k)
             q, k = self._rope_fn(q, k, cos, sin)
@@ -135,27 +132,17 @@ class StaticDecoder:
                 gates, z = m.memories[l].split_proj(F.linear(xn, *self._proj[l]))
                 for g in gates:
                     st.gates[g][l].index_copy_(0, self.slot, gates[g])
-                o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT, m.memories[l], xn, st.memory[l], z, self.keep)
-            else:
-                o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
-            y = self._lin(at.o_proj, o.reshape(1, H * D), w4 and w4["o"])
+            o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
+            if mem:
+                o = self._read_fn(m.memories[l], o, q, xn, st.memory[l], z, self.keep)
+            y = at.o_proj(o.reshape(1, H * D))
             ln = layer.post_attention_layernorm
             x, xn = self._norm_fn(x, y, ln.weight, _eps(ln))
-            y = self._mlp(layer.mlp, xn, w4)
+            mlp = layer.mlp
+            y = mlp.down_proj(self._glu_fn(mlp.gate_proj(xn), mlp.up_proj(xn))) if self._silu else mlp(xn)
             ln = layers[l + 1].input_layernorm if l + 1 < len(layers) else m.norm
             x, xn = self._norm_fn(x, y, ln.weight, _eps(ln))
         return m.lm_head(xn).float()[-1]
-
-    def _lin(self, mod, x, w4=None):
-        return mod(x) if w4 is None else nf4.gemv(x, w4)
-
-    def _mlp(self, mlp, xn, w4):
-        if w4 is not None and w4["glu"] is not None:
-            return nf4.gemv(nf4.glu(xn, *w4["glu"]), w4["down"])
-        if not self._silu:
-            return mlp(xn)
-        h = self._glu_fn(self._lin(mlp.gate_proj, xn), self._lin(mlp.up_proj, xn))
-        return self._lin(mlp.down_proj, h, w4 and w4["down"])
 
     def _set(self, token: int, pos: int, slot: int, evict: bool):
         self.tok.fill_(int(token))
@@ -234,13 +221,10 @@ def decode_capacity(spec, n_slots: int, max_tokens: int) -> int:
     return -(-(need + 1) // SPLIT) * SPLIT
 
 
-def _attend(q, K, V, bias, scale, split, mod=None, xn=None, S=None, z=None, keep=None):
-    """Attention over the whole fixed-shape cache [1, H, D], plus, with a memory module, the layer's memory output
-    read from its (already written) state S times keep: as in `step`, the read is added only when a token left
-    the window in this step. z: the output gate's projection of xn."""
-    o = static_decode_attention(q, K, V, bias, scale, split)
-    if mod is None:
-        return o
+def _read_add(mod, o, q, xn, S, z, keep):
+    """o [1, H, D] plus the layer's memory output read from its (already written) state S, times keep: as in
+    `step`, the read is added only when a token left the window in this step. z: the output gate's projection
+    of xn."""
     return o + (mod.read(q, xn, S, z) * keep).view(o.shape)
 
 
@@ -265,22 +249,6 @@ def _eps(norm) -> float:
     return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
 
-def _layer_4bit(layer) -> dict | None:
-    """The layer's bitsandbytes 4-bit weights as `nf4.Nf4Params` for the Triton GEMVs, grouped for one launch
-    (q/k/v; gate/up with the activation), or None when its linears are not 4-bit."""
-    at, mlp = layer.self_attn, layer.mlp
-    p = {n: nf4.Nf4Params.of(getattr(at, n + "_proj", None)) for n in "qkvo"}
-    for n in ("gate", "up", "down"):
-        p[n] = nf4.Nf4Params.of(getattr(mlp, n + "_proj", None))
-    if all(v is None for v in p.values()):
-        return None
-    qkv = [p["q"], p["k"], p["v"]]
-    glu = [p["gate"], p["up"]]
-    silu = getattr(getattr(mlp, "act_fn", None), "__class__", type(None)).__name__ in ("SiLU", "SiLUActivation")
-    return {"qkv": qkv if all(qkv) and nf4.same_layout(*qkv) else None, "o": p["o"], "down": p["down"],
-            "glu": glu if all(glu) and silu and nf4.same_layout(*glu) and glu[0].N == glu[1].N else None}
-
-
 _COMPILED: dict = {}
 _STREAMS: dict = {}
 
@@ -294,15 +262,20 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[key]
 
 
-_PIECES = (write_layers, _attend, _rope2, _add_norm, _silu_mul)
+_PIECES = (write_layers, static_decode_attention, _read_add, _rope2, _add_norm, _silu_mul)
 
 
 def _compiled():
-    """torch.compile'd `_PIECES` (the batched memory write, attention + memory read, RoPE, residual + RMSNorm,
-    the MLP's activation), made once per process: they do not depend on the layer or the model (a memory module
-    is an argument, its parameters graph inputs), and recompile by themselves for new shapes."""
+    """The pieces of the step for the CUDA graph, made once per process: the attention as the Triton
+    flash-decoding kernels (`kernels/decode_attention.py`; where they do not apply, it falls back to the reference),
+    and the rest of `_PIECES` (batched memory write, memory read + add, RoPE, residual + RMSNorm, the MLP's
+    activation) torch.compile'd. None depends on the layer or the model (a memory module is an argument, its
+    parameters graph inputs), and the compiled ones recompile by themselves for new shapes."""
     if _COMPILED.get("failed"):
         return _PIECES
     if not _COMPILED:
         _COMPILED["fns"] = tuple(torch.compile(f, dynamic=False) for f in _PIECES)
-    return _COMPILED["fns"]
+    fns = list(_COMPILED["fns"])
+    if decode_attention.triton is not None and os.environ.get("AHN_DECODE_ATTENTION", "triton") == "triton":
+        fns[1] = decode_attention.fixed_decode_attention
+    return tuple(fns)

@@ -35,11 +35,11 @@ from ahn_runtime import RuntimeConfig  # noqa: E402
 
 DEFAULTS = dict(config="qwen2.5-3b", quant="nf4", window=32640, sinks=128, length="32k", chunk=4096, device="cuda")
 TINY = dict(config="tiny", quant="none", window=120, sinks=8, length="512", chunk=128, device="cpu")
-SCOPES = {"ahn.memory_write": "memory write", "ahn.attention+memory_read": "attention + memory read"}
+SCOPES = {"ahn.memory_write": "memory write", "ahn.attention": "attention", "ahn.memory_read": "memory read"}
 NAME_RULES = [  # (category, pattern) for kernels outside the scopes above, first match wins
     ("other", r"^mem(cpy|set)"),
-    ("linear (4-bit GEMV, ours)", r"_gemv_kernel|_gemv3_kernel|_glu_kernel"),
     ("compiled (RoPE, residual + norm, activation)", r"^triton_"),  # inductor's kernels
+    ("attention (Triton flash-decoding)", r"_partial_kernel|_merge_kernel"),
     ("linear (gemv, bnb 4-bit)", r"gemv|gemm|4bit|dequantize|nvjet|cutlass|xmma|aten::(addmm|mm|linear|matmul)"),
     ("rmsnorm/elementwise", r"norm|elementwise|vectorized|reduce|unrolled|index|copy|cat|fill|aten::"),
 ]
@@ -110,7 +110,8 @@ def profile_step(dec, a, sync) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     dec._write_fn = _scoped("ahn.memory_write", dec._write_fn)
-    dec._attn_fn = _scoped("ahn.attention+memory_read", dec._attn_fn)
+    dec._attn_fn = _scoped("ahn.attention", dec._attn_fn)
+    dec._read_fn = _scoped("ahn.memory_read", dec._read_fn)
     cuda = a.device == "cuda"
     with torch.inference_mode():
         walls = []
@@ -185,7 +186,8 @@ def main():
     ap.add_argument("--rows", type=int, default=25, help="kernels listed")
     ap.add_argument("--no-full", action="store_true", help="skip the mode `full` comparison")
     ap.add_argument("--ablate", action="store_true",
-                    help="also time the graphed ahn step with bitsandbytes' own 4-bit GEMV (AHN_NF4_GEMV=0)")
+                    help="also time the graphed ahn step with the compiled PyTorch attention (AHN_DECODE_ATTENTION="
+                         "torch) instead of the Triton flash-decoding kernels")
     ap.add_argument("--out", default=None, help="JSON file")
     a = ap.parse_args()
     for k, v in (TINY if a.tiny else DEFAULTS).items():
@@ -199,7 +201,7 @@ def main():
             "device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "python": platform.python_version(), "config": a.config, "quant": a.quant,
             "variant": a.variant, "window": a.window, "sinks": a.sinks, "tokens": L, "chunk": a.chunk,
-            "AHN_COMPILE": os.environ.get("AHN_COMPILE", "1"), "AHN_NF4_GEMV": os.environ.get("AHN_NF4_GEMV", "1")}
+            "AHN_COMPILE": os.environ.get("AHN_COMPILE", "1")}
     print(json.dumps(meta), flush=True)
     t0 = time.perf_counter()
     model = build(a.config, a.quant, RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=a.chunk), a.variant,
@@ -209,9 +211,9 @@ def main():
     ids = torch.randint(0, model.vocab_size, (L,), device=a.device)
     res = {"meta": meta, "ahn": decode_run(model, "ahn", ids, a, sync, profile=True)}
     if a.ablate:
-        os.environ["AHN_NF4_GEMV"] = "0"
-        res["ahn_bnb_gemv"] = decode_run(model, "ahn", ids, a, sync, profile=False)
-        os.environ.pop("AHN_NF4_GEMV")
+        os.environ["AHN_DECODE_ATTENTION"] = "torch"
+        res["ahn_torch_attention"] = decode_run(model, "ahn", ids, a, sync, profile=False)
+        os.environ.pop("AHN_DECODE_ATTENTION")
     if not a.no_full:
         res["full"] = decode_run(model, "full", ids, a, sync, profile=False)
         res["ahn_over_full"] = round(res["ahn"]["median_ms"] / res["full"]["median_ms"], 3)

@@ -31,8 +31,9 @@ def main():
     ap.add_argument("--mode", default="ahn")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--cold", action="store_true",
-                    help="first time prefills in this fresh process, before any warm-up: S+W+3C tokens (the first "
-                         "with full chunks leaving the window) twice, then the whole length twice; then stop")
+                    help="first time prefills in this fresh process, before any warm-up: one chunk, then S+W+3C "
+                         "tokens (the first with full chunks leaving the window) twice, then the whole length twice; "
+                         "then stop")
     a = ap.parse_args()
     L = lengths(a.length)[0]
     model = build(a.config, a.quant, RuntimeConfig(window=a.window, sinks=a.sinks))
@@ -40,7 +41,7 @@ def main():
     if a.cold:
         C = int(a.chunks.split(",")[0])
         m = model.with_config(RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=C))
-        for n in (a.sinks + a.window + 3 * C,) * 2 + (L,) * 2:
+        for n in (min(L, C),) + (a.sinks + a.window + 3 * C,) * 2 + (L,) * 2:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             m.prefill(m.new_state(a.mode), ids[:n])

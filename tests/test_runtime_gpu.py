@@ -155,9 +155,7 @@ def test_cuda_graph_decode_with_4bit_weights(tmp_path):
         la = dec(t).clone()
         lb = m.step(e, t)[-1]
         assert torch.nn.functional.cosine_similarity(la.float(), lb.float(), 0) > 0.995
-    assert dec.graph is not None  # the 4-bit GEMVs were captured
-    w4 = dec._w4[0]  # ours: q/k/v in one launch, gate/up/activation in one launch (kernels/nf4.py)
-    assert w4 is not None and w4["qkv"] is not None and w4["glu"] is not None and w4["down"] is not None
+    assert dec.graph is not None  # the bitsandbytes 4-bit kernels were captured
 
 
 def test_prefill_out_of_memory_is_refused_or_caught_and_the_process_recovers(tmp_path):
