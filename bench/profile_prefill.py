@@ -1,5 +1,5 @@
-"""Where prefill and decode time goes (GPU): times one long prefill and graph decode, then profiles one
-steady-state prefill chunk and one eager decode step with torch.profiler (top CUDA kernels). A script.
+"""Where prefill time goes (GPU): times one long prefill, then profiles one steady-state prefill chunk with
+torch.profiler (CUDA kernel time by kernel). Decode has its own script (profile_decode.py). A script.
 
     python bench/profile_prefill.py --config qwen2.5-3b --quant nf4 --length 131072 --chunks 4096
     python bench/profile_prefill.py --length 128k --cold      # first-use cost in a fresh process
@@ -60,39 +60,27 @@ def main():
         dt = time.perf_counter() - t0
         print(f"prefill {a.mode} {L} tokens chunk {C}: {dt:.2f} s ({L / dt:,.0f} tok/s), peak "
               f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
-        dec = m.decoder(st, 80)
-        tok = 1
-        for _ in range(4):
-            tok = int(dec(tok).argmax())
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(64):
-            tok = int(dec(tok).argmax())
-        print(f"decode (graph={dec.graph is not None}): {(time.perf_counter() - t0) / 64 * 1e3:.2f} ms/token",
-              flush=True)
-        e = st.clone()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(16):
-            tok = int(m.step(e, tok)[-1].argmax())
-        print(f"decode eager step: {(time.perf_counter() - t0) / 16 * 1e3:.2f} ms/token", flush=True)
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
+        m.forward(st, ids[:C], logits="none")  # the state is past the window: a steady-state chunk
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
             m.forward(st, ids[:C], logits="none")
             torch.cuda.synchronize()
-        print(f"--- one steady-state prefill chunk of {C} tokens")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            dec(tok)
-            torch.cuda.synchronize()
-        print("--- one graph decode step")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=70))
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            m.step(e, tok)
-            torch.cuda.synchronize()
-        print("--- one eager decode step")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70))
-        del st, e, dec
+            wall = time.perf_counter() - t0
+        by_name = {}
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+                d = by_name.setdefault(e.name, [0.0, 0])
+                d[0] += e.time_range.elapsed_us()
+                d[1] += 1
+        total = sum(v[0] for v in by_name.values())
+        print(f"--- one steady-state prefill chunk of {C} tokens: {total / 1e3:.1f} ms of kernel time, "
+              f"{sum(v[1] for v in by_name.values())} kernels, {wall * 1e3:.1f} ms wall (profiled)")
+        for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:a.rows]:
+            print(f"{us / 1e3:9.2f} ms {n:6d}x {us / total:6.1%}  {name[:110]}")
+        del st
 
 
 if __name__ == "__main__":

@@ -116,3 +116,8 @@ def test_static_decoder_compiled_pieces_equal_step(qwen2_dir):
         assert (model.step(a, int(t))[-1] - dec(int(t))).abs().max() < 2e-4
     assert a.compressed > 0
     _states_equal(a, b, 1e-5)
+
+
+def test_warm_up_is_a_no_op_without_a_gpu(qwen2_dir):
+    model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4), "GatedDeltaNet")
+    assert model.warm_up() is False

@@ -222,3 +222,15 @@ def test_requests_of_new_lengths_leave_no_device_memory_behind(tmp_path, attenti
         after.append(torch.cuda.memory_allocated())
     growth = [b - a for a, b in zip(after[1:], after[2:])]
     assert max(growth) < 1 << 20, [g / 2**20 for g in growth]
+
+
+def test_warm_up_runs_the_memory_kernels_and_changes_nothing(tmp_path):
+    m = _hd128_model(tmp_path)
+    ids = random_ids(300, vocab=512, seed=9).cuda()
+    a = m.new_state("ahn")
+    m.prefill(a, ids)
+    assert m.warm_up() is True
+    b = m.new_state("ahn")
+    m.prefill(b, ids)
+    assert torch.equal(a.memory, b.memory) and a.compressed > 0
+    assert m.with_config(m.config).warm_up() is True

@@ -64,11 +64,12 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(o_ptr, lse_ptr, out_ptr, n_parts, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      MERGE: tl.constexpr):
-        """Program (h, g): the parts of query head h*G+g merged by their log-sum-exp -> out [H, D]."""
+                      DB: tl.constexpr, MERGE: tl.constexpr):
+        """Program (h, g, c): dims c*DB .. c*DB+DB-1 of query head h*G+g, its parts merged by their log-sum-exp
+        -> out [H, D]."""
         h = tl.program_id(0)
         g = tl.program_id(1)
-        d = tl.arange(0, D)
+        d = tl.program_id(2) * DB + tl.arange(0, DB)
         m = tl.full([MERGE], float("-inf"), tl.float32)
         for s0 in range(0, n_parts, MERGE):
             s = s0 + tl.arange(0, MERGE)
@@ -76,7 +77,7 @@ if triton is not None:
         mx = tl.max(m, 0)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         tot = tl.zeros([MERGE], tl.float32)
-        acc = tl.zeros([D], tl.float32)
+        acc = tl.zeros([DB], tl.float32)
         for s0 in range(0, n_parts, MERGE):
             s = s0 + tl.arange(0, MERGE)
             sm = s < n_parts
@@ -117,7 +118,8 @@ def triton_decode_attention(q, k, v, bias, scale, split: int | None = None):
                                     v.stride(0), v.stride(1), G=G, GP=GP, D=D, BLOCK=BLOCK, SPLIT=split,
                                     num_warps=4, num_stages=2)
     out = torch.empty(1, H, D, dtype=q.dtype, device=q.device)
-    _merge_kernel[(Hkv, G)](o, lse, out, n_parts, G=G, GP=GP, D=D, MERGE=MERGE, num_warps=4)
+    DB = 32
+    _merge_kernel[(Hkv, G, D // DB)](o, lse, out, n_parts, G=G, GP=GP, D=D, DB=DB, MERGE=MERGE, num_warps=2)
     return out
 
 
