@@ -34,6 +34,8 @@ def main():
                     help="first time prefills in this fresh process, before any warm-up: one chunk, then S+W+3C "
                          "tokens (the first with full chunks leaving the window) twice, then the whole length twice; "
                          "then stop")
+    ap.add_argument("--warm-up", action="store_true", help="with --cold: time AHNModel.warm_up() first (as the app "
+                                                           "does at load)")
     a = ap.parse_args()
     L = lengths(a.length)[0]
     model = build(a.config, a.quant, RuntimeConfig(window=a.window, sinks=a.sinks))
@@ -41,6 +43,10 @@ def main():
     if a.cold:
         C = int(a.chunks.split(",")[0])
         m = model.with_config(RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=C))
+        if a.warm_up:
+            t0 = time.perf_counter()
+            ran = m.warm_up()
+            print(f"cold-process warm_up (ran: {ran}): {time.perf_counter() - t0:.2f} s", flush=True)
         for n in (min(L, C),) + (a.sinks + a.window + 3 * C,) * 2 + (L,) * 2:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
