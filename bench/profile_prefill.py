@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -75,6 +76,17 @@ def main():
             m.forward(st, ids[:C], logits="none")
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+        syncs = {}
+        for e in prof.events():  # host-device synchronisations stall the Python loop until the GPU catches up
+            if e.device_type != DeviceType.CUDA and re.search(r"Synchronize|_local_scalar_dense|nonzero|DtoH", e.name):
+                syncs[e.name] = syncs.get(e.name, 0) + 1
+        print(f"host syncs in the chunk: {syncs}")
+        t0 = time.perf_counter()
+        m.forward(st, ids[:C], logits="none")
+        cpu = time.perf_counter() - t0  # Python + launch time (the GPU may still be running)
+        torch.cuda.synchronize()
+        print(f"one chunk unprofiled: {(time.perf_counter() - t0) * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms until the "
+              "last launch returned")
         by_name = {}
         for e in prof.events():
             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):

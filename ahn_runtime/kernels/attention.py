@@ -7,7 +7,8 @@ Key p is visible to query t iff  p <= t  and  (p < sinks  or  p > t - window).
 
 `attention_ref` is the plain PyTorch reference (dense boolean mask, float32 softmax).
 The fast path splits the keys into blocks that are fully visible, causal, or need a (small) mask, runs one
-fused call per block that returns the log-sum-exp, and merges the blocks exactly (flash-decoding style merge).
+fused call per block that returns the log-sum-exp, and merges the blocks exactly (flash-decoding style merge;
+`merge.merge_parts`, one Triton kernel on CUDA).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from .merge import merge_parts
 
 NEG_INF = float("-inf")
 
@@ -40,7 +43,7 @@ def attention_ref(q, k, v, qpos, kpos, window: float, sinks: int, scale: float) 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# building blocks returning (out [H, T, D] float32, lse [H, T] float32)
+# building blocks returning (out [H, T, D] (q's dtype from the fused kernels, float32 otherwise), lse [H, T] float32)
 
 def _sdpa_lse_math(q, k, v, scale, mask=None, causal=False):
     """q [H, T, D], k/v [H, N, D] (same head count). Float32 math; lse = -inf for rows with no key."""
@@ -58,14 +61,14 @@ def _sdpa_lse_math(q, k, v, scale, mask=None, causal=False):
 def _flash(q, k, v, scale, causal):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
         q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
-    return out[0].float(), lse[0].float()
+    return out[0], lse[0].float()
 
 
 def _cudnn(q, k, v, scale, causal):
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q[None].contiguous(), k[None].contiguous(), v[None].contiguous(), None, True, 0.0, causal, False,
         scale=scale)[:2]
-    return out[0].float(), lse[0].reshape(q.shape[0], q.shape[1]).float()
+    return out[0], lse[0].reshape(q.shape[0], q.shape[1]).float()
 
 
 _CUDA_BACKEND: dict = {}
@@ -142,19 +145,6 @@ def _sdpa_lse(q, k, v, scale, mask=None, causal=False):
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
-def merge(parts):
-    """Merge [(out [H, T, D], lse [H, T])] computed over disjoint key sets into one softmax result."""
-    if len(parts) == 1:
-        return parts[0][0]
-    lse = torch.stack([p[1] for p in parts])  # [P, H, T]
-    m = lse.max(0).values
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse - m)  # 0 where a part had no keys
-    tot = w.sum(0)
-    out = sum(p[0] * w[i][..., None] for i, p in enumerate(parts))
-    return out / tot[..., None]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # key blocks with contiguous absolute positions
 
@@ -202,14 +192,12 @@ def _ranges(a: int, b: int, window: float, sinks: int, p0: int, p1: int):
 def _edge(qh, k, v, G, scale):
     """Keys leaving the window during the chunk: key j (of n, oldest first) is visible to query i iff
     i < j + T - n. Reversing queries and keys turns this into an ordinary causal block (query i'' = T-2-i sees
-    reversed key j' <= i''), so a fused causal kernel handles it; the chunk's last query sees none of them."""
-    H, T, D = qh.shape
+    reversed key j' <= i''), so a fused causal kernel handles it; the chunk's last query sees none of them.
+    Returns the part in reversed form (`merge.merge_parts`: row r is query T-2-r)."""
     kh = k.transpose(0, 1).repeat_interleave(G, 0).flip(1)
     vh = v.transpose(0, 1).repeat_interleave(G, 0).flip(1)
     o, lse = _sdpa_lse(qh.flip(1)[:, 1:], kh, vh, scale, causal=True)
-    o = torch.cat([o.flip(1), o.new_zeros(H, 1, D)], 1)
-    lse = torch.cat([lse.flip(1), lse.new_full((H, 1), NEG_INF)], 1)
-    return o, lse
+    return o, lse, True
 
 
 def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], window: float, sinks: int,
@@ -235,14 +223,14 @@ def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], windo
         if blk.start == a and blk.end == b and T <= window:
             kh = blk.k.transpose(0, 1).repeat_interleave(G, 0)
             vh = blk.v.transpose(0, 1).repeat_interleave(G, 0)
-            parts.append(_sdpa_lse(qh, kh, vh, scale, causal=True))
+            parts.append((*_sdpa_lse(qh, kh, vh, scale, causal=True), False))
             continue
         full, partial = _ranges(a, b, window, sinks, blk.start, blk.end)
         for x, y in full:
             kk = blk.k[x - blk.start:y - blk.start].transpose(0, 1)
             vv = blk.v[x - blk.start:y - blk.start].transpose(0, 1)
             o, l = _sdpa_lse(qg, kk, vv, scale)
-            parts.append((o.reshape(H, T, D), l.reshape(H, T)))
+            parts.append((o.reshape(H, T, D), l.reshape(H, T), False))
         for x, y in partial:
             if T <= window and x >= sinks and y == b - window and blk.start <= x:
                 parts.append(_edge(qh, blk.k[x - blk.start:y - blk.start], blk.v[x - blk.start:y - blk.start], G,
@@ -256,8 +244,8 @@ def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], windo
         vv = torch.cat(masked_v).transpose(0, 1).repeat_interleave(G, 0)
         qpos = torch.arange(a, b, device=q.device)
         mask = visible(qpos, torch.cat(masked_pos), window, sinks)
-        parts.append(_sdpa_lse(qh, kk, vv, scale, mask=mask))
-    return merge(parts).transpose(0, 1).to(q.dtype)
+        parts.append((*_sdpa_lse(qh, kk, vv, scale, mask=mask), False))
+    return merge_parts(parts, T, q.dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
