@@ -30,6 +30,7 @@ returns the plain eager stepper.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -84,7 +85,8 @@ class StaticDecoder:
         self.graph = None
         self.out = None
         self._eager_pieces()
-        self._silu = getattr(model.hf.config, "hidden_act", None) == "silu" and hasattr(model.layers[0].mlp, "up_proj")
+        mlp = model.layers[0].mlp
+        self._silu = getattr(model.hf.config, "hidden_act", None) == "silu" and hasattr(mlp, "up_proj")
         if state.spec.has_memory:  # every layer's write parameters stacked once ([L, H]; fixed for the answer)
             if not state.memory.is_contiguous():  # written in place through a [L * H, K, V] view
                 state.memory = state.memory.contiguous()
@@ -277,5 +279,5 @@ def _compiled():
         _COMPILED["fns"] = tuple(torch.compile(f, dynamic=False) for f in _PIECES)
     fns = list(_COMPILED["fns"])
     if decode_attention.triton is not None and os.environ.get("AHN_DECODE_ATTENTION", "triton") == "triton":
-        fns[1] = decode_attention.fixed_decode_attention
+        fns[1] = functools.partial(decode_attention.fixed_decode_attention, reference=fns[1])
     return tuple(fns)

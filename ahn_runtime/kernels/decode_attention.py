@@ -123,8 +123,8 @@ def triton_decode_attention(q, k, v, bias, scale, split: int | None = None):
     return out
 
 
-def fixed_decode_attention(q, k, v, bias, scale, split: int = 512):
-    """Triton on CUDA, else the reference (`split`: the reference's split of P @ V)."""
+def fixed_decode_attention(q, k, v, bias, scale, split: int = 512, reference=static_decode_attention):
+    """Triton on CUDA, else `reference` (by default the plain PyTorch one; `split`: its split of P @ V)."""
     if supported(q, k):
         return triton_decode_attention(q, k, v, bias, scale)
-    return static_decode_attention(q, k, v, bias, scale, split)
+    return reference(q, k, v, bias, scale, split)
