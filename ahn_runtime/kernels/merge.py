@@ -10,7 +10,11 @@ part, one write, instead of ~15 elementwise passes over float32 copies) and the 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -104,10 +108,13 @@ if triton is not None:
                  mask=(t < T)[:, None])
 
 
+_BROKEN: list = []  # set when the kernel failed to compile or launch on this machine: the reference from then on
+
+
 def _fits(parts) -> bool:
     o0 = parts[0][0]
     D = o0.shape[-1]
-    return (triton is not None and o0.is_cuda and 1 <= len(parts) <= MAX_PARTS and D in (64, 128, 256)
+    return (triton is not None and not _BROKEN and o0.is_cuda and 1 <= len(parts) <= MAX_PARTS and D in (64, 128, 256)
             and all(o.stride(-1) == 1 and lse.dtype == torch.float32 for o, lse, _ in parts))
 
 
@@ -123,6 +130,13 @@ def merge_parts(parts, T: int, dtype: torch.dtype) -> torch.Tensor:
         args += [o, lse, o.stride(0), o.stride(1), lse.stride(0), lse.stride(1)]
         flags[f"R{i}"] = bool(rev)
     BT = 32
-    _merge_kernel[(triton.cdiv(T, BT), H)](out, out.stride(0), out.stride(1), T, *args, NP=len(parts), D=D, BT=BT,
-                                           **flags, num_warps=4)
+    try:
+        _merge_kernel[(triton.cdiv(T, BT), H)](out, out.stride(0), out.stride(1), T, *args, NP=len(parts), D=D,
+                                               BT=BT, **flags, num_warps=4)
+    except Exception as e:  # noqa: BLE001  e.g. a GPU this Triton cannot compile for: stay correct, slower
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        log.warning("the Triton attention merge failed (%s); using the PyTorch merge", e)
+        _BROKEN.append(str(e))
+        return merge_ref(parts, dtype)
     return out
