@@ -52,3 +52,15 @@ def test_triton_merge_matches_reference(n, H, T, D):
     out, ref = M.merge_parts(parts, T, torch.bfloat16), M.merge_ref(parts, torch.bfloat16)
     assert out.shape == (T, H, D) and out.dtype == torch.bfloat16
     assert (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+
+
+def test_a_failing_kernel_falls_back_to_the_reference(monkeypatch):
+    """If the Triton merge cannot compile or launch (here: forced onto the CPU, where it cannot run), the prefill
+    keeps going with the reference and stops trying the kernel."""
+    parts = _parts(4, 40, 64, "cpu", torch.float32)
+    monkeypatch.setattr(M, "_BROKEN", [])
+    monkeypatch.setattr(M, "_fits", lambda parts: not M._BROKEN)
+    out = M.merge_parts(parts, 40, torch.float32)
+    assert out.equal(M.merge_ref(parts, torch.float32)) and len(M._BROKEN) == 1
+    M.merge_parts(parts, 40, torch.float32)
+    assert len(M._BROKEN) == 1  # not tried again
