@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from .kernels import decode_attention
 from .kernels.attention import static_decode_attention
-from .memory.base import stack_write_params, write_layers
-from .model import rms, rotate_half
+from .memory.base import rms_normalize, stack_write_params, write_layers
+from .model import apply_rope, norm_eps, rms
 from .state import SequenceState
 
 SPLIT = 512
@@ -122,11 +122,7 @@ class StaticDecoder:
         layers = m.layers
         xn = rms(layers[0].input_layernorm, x)
         for l, layer in enumerate(layers):
-            at = layer.self_attn
-            q, k, v = at.q_proj(xn).view(1, H, D), at.k_proj(xn).view(1, Hkv, D), at.v_proj(xn).view(1, Hkv, D)
-            if getattr(at, "q_norm", None) is not None:  # Qwen3
-                q, k = at.q_norm(q), at.k_norm(k)
-            q, k = self._rope_fn(q, k, cos, sin)
+            q, k, v = m._qkv(layer, xn, cos, sin, rope=self._rope_fn)
             K, V = st.k[l], st.v[l]
             K.index_copy_(1, self.slot, k.transpose(0, 1))
             V.index_copy_(1, self.slot, v.transpose(0, 1))
@@ -137,13 +133,13 @@ class StaticDecoder:
             o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
             if mem:
                 o = self._read_fn(m.memories[l], o, q, xn, st.memory[l], z, self.keep)
-            y = at.o_proj(o.reshape(1, H * D))
+            y = layer.self_attn.o_proj(o.reshape(1, H * D))
             ln = layer.post_attention_layernorm
-            x, xn = self._norm_fn(x, y, ln.weight, _eps(ln))
+            x, xn = self._norm_fn(x, y, ln.weight, norm_eps(ln))
             mlp = layer.mlp
             y = mlp.down_proj(self._glu_fn(mlp.gate_proj(xn), mlp.up_proj(xn))) if self._silu else mlp(xn)
             ln = layers[l + 1].input_layernorm if l + 1 < len(layers) else m.norm
-            x, xn = self._norm_fn(x, y, ln.weight, _eps(ln))
+            x, xn = self._norm_fn(x, y, ln.weight, norm_eps(ln))
         return m.lm_head(xn).float()[-1]
 
     def _set(self, token: int, pos: int, slot: int, evict: bool):
@@ -230,25 +226,14 @@ def _read_add(mod, o, q, xn, S, z, keep):
     return o + (mod.read(q, xn, S, z) * keep).view(o.shape)
 
 
-def _rope2(q, k, cos, sin):
-    """RoPE of one token's q [1, H, D] and k [1, Hkv, D] (the ops of `AHNModel._qkv`)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 def _add_norm(x, y, w, eps: float):
     """The residual add, then the next RMSNorm (the HF module's arithmetic): (x + y, norm(x + y))."""
     h = x + y
-    f = h.float()
-    return h, w * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return h, w * rms_normalize(h, eps).to(h.dtype)
 
 
 def _silu_mul(g, u):
     return F.silu(g) * u
-
-
-def _eps(norm) -> float:
-    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
 
 _COMPILED: dict = {}
@@ -264,7 +249,7 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[key]
 
 
-_PIECES = (write_layers, static_decode_attention, _read_add, _rope2, _add_norm, _silu_mul)
+_PIECES = (write_layers, static_decode_attention, _read_add, apply_rope, _add_norm, _silu_mul)
 
 
 def _compiled():

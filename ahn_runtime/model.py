@@ -47,14 +47,23 @@ def rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An HF RMSNorm module applied to x; on CUDA through the fused kernel (one launch instead of seven; the same
     float32 statistics, rounded once to x's dtype, then the gain, as the module does)."""
     if x.is_cuda:
-        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-        return norm.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+        return norm.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=norm_eps(norm))
     return norm(x)
+
+
+def norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
 
 def rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """RoPE of q [T, H, D] and k [T, Hkv, D] with cos, sin [T, D]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class AHNModel:
@@ -108,7 +117,8 @@ class AHNModel:
         return SequenceState(self.state_spec(mode), self.device)
 
     # ---- per-layer pieces ---------------------------------------------------------------------------------
-    def _qkv(self, layer, xn, cos, sin):
+    def _qkv(self, layer, xn, cos, sin, rope=apply_rope):
+        """q, k (rotated by `rope`), v of xn [T, h]: [T, H, D], [T, Hkv, D], [T, Hkv, D]."""
         T = xn.shape[0]
         at = layer.self_attn
         q = at.q_proj(xn).view(T, self.n_heads, self.head_dim)
@@ -116,8 +126,8 @@ class AHNModel:
         v = at.v_proj(xn).view(T, self.n_kv_heads, self.head_dim)
         if getattr(at, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
             q, k = at.q_norm(q), at.k_norm(k)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+        q, k = rope(q, k, cos, sin)
+        return q, k, v
 
     def _rope(self, x, start: int, n: int):
         pos = torch.arange(start, start + n, device=x.device)[None]
@@ -290,18 +300,15 @@ class AHNModel:
         from .kernels.recurrent import fla_available
         if self.memories is None or self.device.type != "cuda" or not fla_available():
             return False
-        T = max(65, min(int(self.config.chunk_size), 4096))  # > 64: fla's chunked kernels, as in a prefill
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        T = max(65, int(self.config.chunk_size))  # > 64: fla's chunked kernels, as in a prefill
         g = torch.Generator(device=self.device).manual_seed(0)
 
         def rnd(*shape):
             return torch.randn(*shape, generator=g, device=self.device, dtype=self.dtype)
         xq = rnd(T, self.hf.config.hidden_size)
-        mod = self.memories[0]
-        state = torch.zeros(H, D, D, dtype=torch.float32, device=self.device)
-        q, k, v = rnd(T, H, D), rnd(T, Hkv, D), rnd(T, Hkv, D)
-        G = H // Hkv
-        mod(q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), mod.gates(xq), xq, state)
+        k, v = rnd(T, self.n_kv_heads, self.head_dim), rnd(T, self.n_kv_heads, self.head_dim)
+        self._memory(0, self.new_state("ahn"), rnd(T, self.n_heads, self.head_dim), k, v,
+                     self.memories[0].gates(xq), xq)
         torch.cuda.synchronize(self.device)
         return True
 
