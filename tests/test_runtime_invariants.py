@@ -166,7 +166,8 @@ def test_state_memory_is_constant_in_ahn_mode():
 
 
 @pytest.mark.parametrize("T,W,S,start", [(64, 100, 4, 500), (64, 64, 0, 300), (7, 32, 8, 40), (100, 32, 8, 0),
-                                         (50, 1000, 16, 30), (33, 32, 0, 77)])
+                                         (50, 1000, 16, 30), (33, 32, 0, 77),
+                                         (32, 96, 4, 96), (16, 40, 8, 40)])  # the window fills in the chunk
 def test_window_attention_matches_reference(T, W, S, start):
     """The block decomposition (full / causal / reversed-causal edge / masked) equals the dense-mask reference."""
     from ahn_runtime.kernels import attention as A

@@ -65,9 +65,12 @@ def _flash(q, k, v, scale, causal):
 
 
 def _cudnn(q, k, v, scale, causal):
+    """cuDNN's fused attention. It takes grouped-query heads as they are (k/v with fewer heads than q) and any
+    strides with a unit last one, so q, k, v are views of the runtime's buffers (no copies); the output has
+    q's layout."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q[None].contiguous(), k[None].contiguous(), v[None].contiguous(), None, True, 0.0, causal, False,
-        scale=scale)[:2]
+        q[None], k[None], v[None], None, True, 0.0, causal, False, scale=scale)[:2]
     return out[0], lse[0].reshape(q.shape[0], q.shape[1]).float()
 
 
@@ -113,11 +116,29 @@ def _probe(device, dtype) -> str:
 
 
 def _sdpa_lse(q, k, v, scale, mask=None, causal=False):
-    """Fused attention with log-sum-exp. q [H, T, D], k/v [H, N, D]; mask [T, N] bool or None."""
+    """Fused attention with log-sum-exp. q [H, T, D], k/v [Hkv, N, D] (Hkv divides H: query head h uses KV head
+    h // (H / Hkv)); mask [T, N] bool or None; causal: query t sees keys <= t, only for T == N (the kernels
+    disagree on how to align a causal mask of unequal lengths). Any strides."""
+    H, T, D = q.shape
+    Hkv = k.shape[0]
+    if causal and T != k.shape[1]:
+        raise ValueError(f"causal attention needs as many queries as keys (got {T} and {k.shape[1]})")
+    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None and D <= 256
+            and cuda_backend(q.device, q.dtype) == "cudnn"):
+        return _cudnn(q, k, v, scale, causal)
+    G = H // Hkv
+    if G > 1 and not causal and mask is None:  # the G query heads of a KV head as G * T queries: no K/V repeat
+        o, lse = _sdpa_lse_heads(q.reshape(Hkv, G * T, D), k, v, scale)
+        return o.reshape(H, T, D), lse.reshape(H, T)
+    if G > 1:
+        k, v = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)
+    return _sdpa_lse_heads(q, k, v, scale, mask, causal)
+
+
+def _sdpa_lse_heads(q, k, v, scale, mask=None, causal=False):
+    """`_sdpa_lse` with as many KV heads as query heads (or q folded as above)."""
     dev = q.device.type
     if dev == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and mask is None and q.shape[-1] <= 256:
-        if (not causal or q.shape[1] == k.shape[1]) and cuda_backend(q.device, q.dtype) == "cudnn":
-            return _cudnn(q, k, v, scale, causal)  # (causal masks of unequal lengths: alignment differs)
         return _flash(q, k, v, scale, causal)
     if dev == "cpu":
         bias = None
@@ -189,14 +210,22 @@ def _ranges(a: int, b: int, window: float, sinks: int, p0: int, p1: int):
     return full, partial
 
 
-def _edge(qh, k, v, G, scale):
+def _edge(q, k, v, scale):
     """Keys leaving the window during the chunk: key j (of n, oldest first) is visible to query i iff
-    i < j + T - n. Reversing queries and keys turns this into an ordinary causal block (query i'' = T-2-i sees
-    reversed key j' <= i''), so a fused causal kernel handles it; the chunk's last query sees none of them.
-    Returns the part in reversed form (`merge.merge_parts`: row r is query T-2-r)."""
-    kh = k.transpose(0, 1).repeat_interleave(G, 0).flip(1)
-    vh = v.transpose(0, 1).repeat_interleave(G, 0).flip(1)
-    o, lse = _sdpa_lse(qh.flip(1)[:, 1:], kh, vh, scale, causal=True)
+    i < j + T - n. Reversing queries and keys turns this into an ordinary causal block: reversed query row
+    r = T-2-i (the last query sees none of these keys and is dropped) sees reversed key j' = n-1-j iff j' <= r.
+    In a steady chunk n = T - 1 and that is one square causal kernel; in the chunk where the window fills,
+    n < T - 1: rows r < n form the square causal block and rows r >= n see all n keys (one unmasked kernel).
+    (A fused causal kernel over unequal lengths would not do: FlashAttention-2 aligns such a mask to the
+    bottom right, leaving the first rows without keys.)
+    q [T, H, D], k/v [n, Hkv, D]. Returns the part in reversed form (`merge.merge_parts`: row r is query T-2-r)."""
+    n = k.shape[0]
+    qr = q.flip(0)[1:].transpose(0, 1)  # [H, T-1, D]
+    kr, vr = k.flip(0).transpose(0, 1), v.flip(0).transpose(0, 1)
+    o, lse = _sdpa_lse(qr[:, :n], kr, vr, scale, causal=True)
+    if n < qr.shape[1]:
+        o2, lse2 = _sdpa_lse(qr[:, n:], kr, vr, scale)
+        o, lse = torch.cat([o, o2.to(o.dtype)], 1), torch.cat([lse, lse2], 1)
     return o, lse, True
 
 
@@ -204,16 +233,13 @@ def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], windo
                      scale: float) -> torch.Tensor:
     """Queries at positions qstart..qstart+T-1 over key blocks. Returns [T, H, D] in q's dtype.
 
-    Fully visible key ranges go through an unmasked fused kernel with the G query heads of a KV head
-    flattened into the query axis (no repeated K/V); the chunk's own keys use a causal kernel when the
-    window is at least as long as the chunk; the few remaining keys (those leaving the window during the
-    chunk) go through one small masked call. Results are merged by log-sum-exp."""
+    Fully visible key ranges go through an unmasked fused kernel; the chunk's own keys use a causal kernel when
+    the window is at least as long as the chunk; the keys leaving the window during the chunk use a causal kernel
+    on reversed queries and keys (`_edge`); anything else goes through one small masked call. Results are merged
+    by log-sum-exp. Grouped-query heads are never repeated for the fused kernels (`_sdpa_lse`)."""
     T, H, D = q.shape
-    Hkv = blocks[0].k.shape[1]
-    G = H // Hkv
     a, b = qstart, qstart + T
-    qh = q.transpose(0, 1)  # [H, T, D]
-    qg = qh.reshape(Hkv, G * T, D)  # heads h = kv*G + g
+    qh = q.transpose(0, 1)  # [H, T, D] view
     parts = []
     masked_k, masked_v, masked_pos = [], [], []
     for blk in blocks:
@@ -221,27 +247,23 @@ def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], windo
             continue
         # the chunk itself: causal when every in-chunk key within reach is inside the window
         if blk.start == a and blk.end == b and T <= window:
-            kh = blk.k.transpose(0, 1).repeat_interleave(G, 0)
-            vh = blk.v.transpose(0, 1).repeat_interleave(G, 0)
-            parts.append((*_sdpa_lse(qh, kh, vh, scale, causal=True), False))
+            parts.append((*_sdpa_lse(qh, blk.k.transpose(0, 1), blk.v.transpose(0, 1), scale, causal=True), False))
             continue
         full, partial = _ranges(a, b, window, sinks, blk.start, blk.end)
         for x, y in full:
             kk = blk.k[x - blk.start:y - blk.start].transpose(0, 1)
             vv = blk.v[x - blk.start:y - blk.start].transpose(0, 1)
-            o, l = _sdpa_lse(qg, kk, vv, scale)
-            parts.append((o.reshape(H, T, D), l.reshape(H, T), False))
+            parts.append((*_sdpa_lse(qh, kk, vv, scale), False))
         for x, y in partial:
             if T <= window and x >= sinks and y == b - window and blk.start <= x:
-                parts.append(_edge(qh, blk.k[x - blk.start:y - blk.start], blk.v[x - blk.start:y - blk.start], G,
-                                   scale))
+                parts.append(_edge(q, blk.k[x - blk.start:y - blk.start], blk.v[x - blk.start:y - blk.start], scale))
                 continue
             masked_k.append(blk.k[x - blk.start:y - blk.start])
             masked_v.append(blk.v[x - blk.start:y - blk.start])
             masked_pos.append(torch.arange(x, y, device=q.device))
     if masked_k:
-        kk = torch.cat(masked_k).transpose(0, 1).repeat_interleave(G, 0)
-        vv = torch.cat(masked_v).transpose(0, 1).repeat_interleave(G, 0)
+        kk = torch.cat(masked_k).transpose(0, 1)
+        vv = torch.cat(masked_v).transpose(0, 1)
         qpos = torch.arange(a, b, device=q.device)
         mask = visible(qpos, torch.cat(masked_pos), window, sinks)
         parts.append((*_sdpa_lse(qh, kk, vv, scale, mask=mask), False))
