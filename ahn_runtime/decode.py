@@ -33,14 +33,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from .kernels import decode_attention
 from .kernels.attention import static_decode_attention
-from .memory.base import rms_normalize, stack_write_params, write_layers
-from .model import apply_rope, norm_eps, rms
+from .memory.base import stack_write_params, write_layers
+from .model import rms
+from .pieces import add_norm, apply_rope, silu_mul
 from .state import SequenceState
 
 SPLIT = 512
@@ -85,8 +87,6 @@ class StaticDecoder:
         self.graph = None
         self.out = None
         self._eager_pieces()
-        mlp = model.layers[0].mlp
-        self._silu = getattr(model.hf.config, "hidden_act", None) == "silu" and hasattr(mlp, "up_proj")
         if state.spec.has_memory:  # every layer's write parameters stacked once ([L, H]; fixed for the answer)
             if not state.memory.is_contiguous():  # written in place through a [L * H, K, V] view
                 state.memory = state.memory.contiguous()
@@ -103,14 +103,14 @@ class StaticDecoder:
         self._set_pieces(_PIECES)
 
     def _set_pieces(self, fns):
-        self._write_fn, self._attn_fn, self._read_fn, self._rope_fn, self._norm_fn, self._glu_fn = fns
+        self._write_fn, self._attn_fn, self._read_fn, self._rope_fn, norm_fn, glu_fn = fns
+        self._P = SimpleNamespace(add_norm=norm_fn, silu_mul=glu_fn)
 
     # ---- the fixed-shape step -----------------------------------------------------------------------------
     def _step(self) -> torch.Tensor:
         m, st = self.model, self.state
         mem = st.spec.has_memory
-        H, Hkv, D = m.n_heads, m.n_kv_heads, m.head_dim
-        G = H // Hkv
+        G = m.n_heads // m.n_kv_heads
         if mem:  # gathered outside the compiled write: the buffers' slot count changes from answer to answer
             kw = st.k.index_select(2, self.slot).squeeze(2).repeat_interleave(G, dim=1)  # [L, H, D]
             vw = st.v.index_select(2, self.slot).squeeze(2).repeat_interleave(G, dim=1)
@@ -133,13 +133,7 @@ class StaticDecoder:
             o = self._attn_fn(q, K, V, self.bias, m.scale, SPLIT)
             if mem:
                 o = self._read_fn(m.memories[l], o, q, xn, st.memory[l], z, self.keep)
-            y = layer.self_attn.o_proj(o.reshape(1, H * D))
-            ln = layer.post_attention_layernorm
-            x, xn = self._norm_fn(x, y, ln.weight, norm_eps(ln))
-            mlp = layer.mlp
-            y = mlp.down_proj(self._glu_fn(mlp.gate_proj(xn), mlp.up_proj(xn))) if self._silu else mlp(xn)
-            ln = layers[l + 1].input_layernorm if l + 1 < len(layers) else m.norm
-            x, xn = self._norm_fn(x, y, ln.weight, norm_eps(ln))
+            x, xn = m._tail(l, x, o, self._P)
         return m.lm_head(xn).float()[-1]
 
     def _set(self, token: int, pos: int, slot: int, evict: bool):
@@ -226,16 +220,6 @@ def _read_add(mod, o, q, xn, S, z, keep):
     return o + (mod.read(q, xn, S, z) * keep).view(o.shape)
 
 
-def _add_norm(x, y, w, eps: float):
-    """The residual add, then the next RMSNorm (the HF module's arithmetic): (x + y, norm(x + y))."""
-    h = x + y
-    return h, w * rms_normalize(h, eps).to(h.dtype)
-
-
-def _silu_mul(g, u):
-    return F.silu(g) * u
-
-
 _COMPILED: dict = {}
 _STREAMS: dict = {}
 
@@ -249,7 +233,7 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[key]
 
 
-_PIECES = (write_layers, static_decode_attention, _read_add, apply_rope, _add_norm, _silu_mul)
+_PIECES = (write_layers, static_decode_attention, _read_add, apply_rope, add_norm, silu_mul)
 
 
 def _compiled():

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .kernels import recurrent
 from .kernels.attention import KeyBlock, decode_attention, window_attention
 from .memory.base import stack_write_params, write_layers
+from .pieces import apply_rope, prefill_pieces
+from .prefill_graph import ChunkGraph
 from .state import MODES, SequenceState, StateSpec
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -55,17 +58,6 @@ def norm_eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
 
-def rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def apply_rope(q, k, cos, sin):
-    """RoPE of q [T, H, D] and k [T, Hkv, D] with cos, sin [T, D]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 class AHNModel:
     def __init__(self, hf_model: nn.Module, memories: nn.ModuleList | None, config: RuntimeConfig,
                  model_id: str = "", tokenizer=None, ahn_info: dict | None = None):
@@ -87,9 +79,13 @@ class AHNModel:
         inner = hf_model.model
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
         self.lm_head = hf_model.lm_head
+        mlp = self.layers[0].mlp
+        self._swiglu = getattr(c, "hidden_act", None) == "silu" and all(
+            hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
         p = next(hf_model.parameters())
         self.device = p.device
         self.dtype = self.embed.weight.dtype
+        self.last_prefill_graph = None  # (steady chunks, of them replayed from the CUDA graph) of the last prefill
 
     def with_config(self, config: RuntimeConfig) -> "AHNModel":
         """The same loaded weights under other inference settings (window, sinks, decode exclusion, chunk)."""
@@ -129,9 +125,9 @@ class AHNModel:
         q, k = rope(q, k, cos, sin)
         return q, k, v
 
-    def _rope(self, x, start: int, n: int):
-        pos = torch.arange(start, start + n, device=x.device)[None]
-        cos, sin = self.rotary(x, pos)
+    def _rope(self, x, start: int, n: int, positions: torch.Tensor | None = None):
+        pos = torch.arange(start, start + n, device=x.device) if positions is None else positions
+        cos, sin = self.rotary(x, pos[None])
         return cos[0], sin[0]
 
     def _finish_layer(self, layer, x, o):
@@ -146,17 +142,22 @@ class AHNModel:
             x = x[-1:]
         return self.lm_head(rms(self.norm, x)).float()
 
-    def _memory(self, l, state, q, kw, vw, gw, xq):
-        """Write kw/vw (un-expanded KV heads) with gates gw, read with q; returns m [n, H, D]."""
-        G = self.n_heads // self.n_kv_heads
-        kw, vw = kw.repeat_interleave(G, dim=1), vw.repeat_interleave(G, dim=1)
-        m, state.memory[l] = self.memories[l](q, kw, vw, gw, xq, state.memory[l])
-        return m.view(-1, self.n_heads, self.head_dim)
+    def _memory(self, l, state, q, kw, vw, gw, xq, o, P=None):
+        """Write kw/vw (un-expanded KV heads) with gates gw into layer l's memory, read with q [n, H, D] (their
+        pre-normed hidden states xq [n, h]) and add the memory's output to o [n, H, D] in place."""
+        P = P or prefill_pieces(self.device)
+        mod = self.memories[l]
+        qm, km, vm, g, beta = P.mem_in(mod, q, kw, vw, gw, self.n_heads // self.n_kv_heads)
+        r, state.memory[l] = recurrent.run(qm, km, vm, g, beta, mod.scale, state.memory[l])
+        P.mem_add(mod, o, r, xq)
 
     # ---- prefill chunk ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, state: SequenceState, ids: torch.Tensor, logits: str = "last"):
-        """Process ids [T] at positions state.pos.. ; returns logits [1 or T, V] float32 (or None)."""
+    def forward(self, state: SequenceState, ids: torch.Tensor, logits: str = "last",
+                positions: torch.Tensor | None = None):
+        """Process ids [T] at positions state.pos.. ; returns logits [1 or T, V] float32 (or None).
+        positions: those positions as a device tensor [T] (the prefill's CUDA graph keeps them in a static
+        buffer); by default made here."""
         T = int(ids.shape[0])
         if T == 0:
             return None
@@ -170,11 +171,12 @@ class AHNModel:
         mem = state.spec.has_memory
         j0, j1 = max(S, a - W), b - W  # tokens written into memory in this chunk (t = j + W reads)
         j0, j1 = (int(j0), int(j1)) if mem and j1 > j0 else (0, 0)
+        P = prefill_pieces(self.device)
         x = self.embed(ids.to(self.device))
-        cos, sin = self._rope(x, a, T)
+        cos, sin = self._rope(x, a, T, positions)
+        xn = rms(self.layers[0].input_layernorm, x)
         for l, layer in enumerate(self.layers):
-            xn = rms(layer.input_layernorm, x)
-            q, k, v = self._qkv(layer, xn, cos, sin)
+            q, k, v = self._qkv(layer, xn, cos, sin, rope=P.rope)
             K, V = state.k[l], state.v[l]  # [Hkv, cap, D]
             blocks = [KeyBlock(K[:, :n_sink].transpose(0, 1), V[:, :n_sink].transpose(0, 1), 0),
                       KeyBlock(K[:, S:S + win_len].transpose(0, 1), V[:, S:S + win_len].transpose(0, 1), w0),
@@ -185,15 +187,36 @@ class AHNModel:
                 mid = min(j1, max(a, j0))  # [j0, mid) come from the window buffer, [mid, j1) from this chunk
                 old = slice(S + j0 - w0, S + mid - w0)
                 new = slice(mid - a, j1 - a)
-                kw = torch.cat([K[:, old].transpose(0, 1), k[new]])
-                vw = torch.cat([V[:, old].transpose(0, 1), v[new]])
-                gw = {g: torch.cat([state.gates[g][l, old], gates[g][new]]) for g in gates}
+
+                def cat(buffered, fresh):  # no copy when all written tokens come from one side
+                    return fresh if buffered.shape[0] == 0 else buffered if fresh.shape[0] == 0 else \
+                        torch.cat([buffered, fresh])
+                kw = cat(K[:, old].transpose(0, 1), k[new])
+                vw = cat(V[:, old].transpose(0, 1), v[new])
+                gw = {g: cat(state.gates[g][l, old], gates[g][new]) for g in gates}
                 rows = slice(j0 + int(W) - a, j1 + int(W) - a)
-                o[rows] += self._memory(l, state, q[rows], kw, vw, gw, xn[rows])
-            x = self._finish_layer(layer, x, o)
+                self._memory(l, state, q[rows], kw, vw, gw, xn[rows], o[rows], P)
+            x, xn = self._tail(l, x, o, P)
             self._store_chunk(state, l, k, v, gates, a, b, w0, win_len, new_w0)
         state.pos = b
-        return self._logits(x, logits)
+        if logits == "none":
+            return None
+        return self.lm_head(xn[-1:] if logits == "last" else xn).float()
+
+    def _tail(self, l, x, o, P):
+        """The rest of layer l after attention (o [T, H, D]): o_proj, residual + post-attention RMSNorm, MLP,
+        residual + the next layer's input RMSNorm (the final norm after the last layer). Returns (x, its norm)."""
+        layer = self.layers[l]
+        y = layer.self_attn.o_proj(o.reshape(x.shape[0], -1))
+        ln = layer.post_attention_layernorm
+        x, xn = P.add_norm(x, y, ln.weight, norm_eps(ln))
+        mlp = layer.mlp
+        if self._swiglu:
+            y = mlp.down_proj(P.silu_mul(mlp.gate_proj(xn), mlp.up_proj(xn)))
+        else:
+            y = mlp(xn)
+        ln = self.layers[l + 1].input_layernorm if l + 1 < self.n_layers else self.norm
+        return P.add_norm(x, y, ln.weight, norm_eps(ln))
 
     def _store_chunk(self, state, l, k, v, gates, a, b, w0, win_len, new_w0):
         S = state.spec.sinks
@@ -292,23 +315,23 @@ class AHNModel:
     # ---- first use ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def warm_up(self) -> bool:
-        """Run the memory's GPU kernels once on random inputs of the prefill's shapes (one chunk of written
-        tokens, one layer) so that their Triton compilation and autotuning happen now rather than in the first
-        long document: on a fresh machine that costs about 40 s once (measured: the first 45k-token prefill of
-        a 3B model took 42.6 s, the next 1.4 s); afterwards it is cached on disk and this takes seconds.
-        Returns whether anything ran (CUDA, AHN weights, fla kernels)."""
-        from .kernels.recurrent import fla_available
-        if self.memories is None or self.device.type != "cuda" or not fla_available():
+        """Compile what the first long document would otherwise wait for: fla's memory kernels (Triton
+        compilation and autotuning) and the prefill's torch.compile'd pieces (`pieces.py`). On a fresh machine
+        that costs tens of seconds once (measured: the first 45k-token prefill of a 3B model took 42.6 s, the
+        next 1.4 s); afterwards the caches on disk make it a few seconds. It runs a real prefill of random
+        tokens through a copy of this model with a window of one chunk (3 chunks: the window fills, then tokens
+        leave it and are written to memory, at the configured chunk length) and drops the state.
+        Returns whether anything ran (only on CUDA)."""
+        from dataclasses import replace
+        if self.device.type != "cuda":
             return False
-        T = max(65, int(self.config.chunk_size))  # > 64: fla's chunked kernels, as in a prefill
+        C = max(65, int(self.config.chunk_size))  # > 64: fla's chunked kernels, as in a prefill
+        small = self.with_config(replace(self.config, window=C, sinks=min(self.config.sinks, 16), chunk_size=C))
         g = torch.Generator(device=self.device).manual_seed(0)
-
-        def rnd(*shape):
-            return torch.randn(*shape, generator=g, device=self.device, dtype=self.dtype)
-        xq = rnd(T, self.hf.config.hidden_size)
-        k, v = rnd(T, self.n_kv_heads, self.head_dim), rnd(T, self.n_kv_heads, self.head_dim)
-        self._memory(0, self.new_state("ahn"), rnd(T, self.n_heads, self.head_dim), k, v,
-                     self.memories[0].gates(xq), xq)
+        ids = torch.randint(0, self.vocab_size, (small.config.sinks + 3 * C,), generator=g, device=self.device)
+        state = small.new_state("ahn" if self.memories is not None else "window")
+        small.prefill(state, ids, logits="none")
+        state.release()
         torch.cuda.synchronize(self.device)
         return True
 
@@ -336,17 +359,28 @@ class AHNModel:
             else:
                 state.reserve(T, exact=True)  # one allocation for the whole prompt
             outs = []
+            ids = ids.to(self.device)  # once: a copy per chunk from pageable memory would wait for the GPU
+            graph = ChunkGraph(self, state, C) if ChunkGraph.enabled(self) else None
             for s in range(0, T, C):
-                out = self.forward(state, ids[s:s + C], logits="all" if logits == "all" else
-                                   ("last" if s + C >= T and logits == "last" else "none"))
-                if out is not None:
-                    outs.append(out)
+                chunk = ids[s:s + C]
+                which = "all" if logits == "all" else ("last" if s + C >= T and logits == "last" else "none")
+                if graph is not None and graph.applies(chunk.shape[0], which):
+                    graph.run(chunk)
+                else:
+                    if graph is not None:
+                        graph.close()
+                    out = self.forward(state, chunk, logits=which)
+                    if out is not None:
+                        outs.append(out)
                 if progress is not None:
                     progress(min(T, s + C), T)
+            self.last_prefill_graph = None if graph is None else (graph.runs, graph.replays)
+            if graph is not None:
+                graph.close()
         except torch.OutOfMemoryError as e:
             oom = (state.pos, str(e).splitlines()[0][:200])
         if oom is not None:  # outside the except block: the failed frames' tensors are freed by now
-            outs = None
+            outs = graph = None
             state.release()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

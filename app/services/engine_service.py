@@ -181,14 +181,14 @@ class EngineService:
                 raise ServiceError(str(e2)) from e2
         if model.tokenizer is None:
             raise ServiceError(f"{choice.base_name} has no tokenizer, so it cannot be used for chat")
-        if model.variant and model.device.type == "cuda":
+        if model.device.type == "cuda":
             t1 = time.perf_counter()
-            log_fn("Preparing the memory's GPU kernels (compiled once per machine: up to a minute the first time)...")
+            log_fn("Preparing the GPU kernels (compiled once per machine: up to a minute the first time)...")
             try:
                 model.warm_up()
                 log_fn(f"GPU kernels ready in {time.perf_counter() - t1:.1f} s.")
             except Exception as e:  # noqa: BLE001  the first prefill compiles them instead
-                log.warning("warming up the memory kernels failed: %s", e)
+                log.warning("warming up the GPU kernels failed: %s", e)
         max_pos = getattr(model.hf.config, "max_position_embeddings", None)
         info = ModelInfo(
             name=choice.preset or choice.base_name, base_name=choice.base_name, base_source=str(base),
