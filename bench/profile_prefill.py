@@ -7,6 +7,7 @@ torch.profiler (CUDA kernel time by kernel). Decode has its own script (profile_
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -19,6 +20,39 @@ sys.path.insert(0, HERE)
 from suite import build, lengths  # noqa: E402
 
 from ahn_runtime import RuntimeConfig  # noqa: E402
+
+
+def _wrap(owner, attr, label):
+    fn = getattr(owner, attr)
+
+    @functools.wraps(fn)
+    def inner(*args, **kw):
+        with torch.profiler.record_function("part:" + label):
+            return fn(*args, **kw)
+    setattr(owner, attr, staticmethod(inner) if isinstance(vars(owner).get(attr), classmethod) else inner)
+    return inner
+
+
+def annotate():
+    """Wrap the runtime's pieces in record_function ranges (this process only)."""
+    from ahn_runtime import model as M, pieces
+    from ahn_runtime.kernels import attention as A, recurrent as R
+    from ahn_runtime.memory import delta
+    _wrap(M, "window_attention", "layer.attention")
+    _wrap(M, "rms", "rms_norm")
+    for ns in (pieces.EAGER, pieces.compiled()):
+        for name in ("rope", "add_norm", "silu_mul", "mem_in", "mem_add"):
+            _wrap(ns, name, "piece." + name)
+    _wrap(M.AHNModel, "_qkv", "layer.qkv (linears, RoPE)")
+    _wrap(M.AHNModel, "_memory", "layer.memory")
+    _wrap(M.AHNModel, "_tail", "layer.tail (o_proj, norms, MLP)")
+    _wrap(M.AHNModel, "_store_chunk", "layer.store")
+    _wrap(M.AHNModel, "_rope", "rope tables")
+    _wrap(A, "_sdpa_lse", "attention.sdpa (fused kernels)")
+    _wrap(A, "_edge", "attention.edge (flips, sdpa)")
+    _wrap(A, "merge_parts", "attention.merge")
+    _wrap(R, "_run_fla", "memory.fla (+ input copies)")
+    _wrap(delta.GatedDeltaNet, "gates", "layer.gates")
 
 
 def main():
@@ -35,10 +69,16 @@ def main():
                     help="first time prefills in this fresh process, before any warm-up: one chunk, then S+W+3C "
                          "tokens (the first with full chunks leaving the window) twice, then the whole length twice; "
                          "then stop")
+    ap.add_argument("--no-profile", action="store_true", help="only time the prefill")
+    ap.add_argument("--parts", action="store_true",
+                    help="also attribute the profiled chunk's kernel time to the pieces of a layer (record_function "
+                         "ranges around the runtime's functions; inclusive times, pieces nest)")
     ap.add_argument("--warm-up", action="store_true", help="with --cold: time AHNModel.warm_up() first (as the app "
                                                            "does at load)")
     a = ap.parse_args()
     L = lengths(a.length)[0]
+    if a.parts:
+        annotate()
     model = build(a.config, a.quant, RuntimeConfig(window=a.window, sinks=a.sinks))
     ids = torch.randint(0, model.vocab_size, (L,), device="cuda")
     if a.cold:
@@ -62,11 +102,17 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         st = m.new_state(a.mode)
         t0 = time.perf_counter()
-        m.prefill(st, ids)
+        out = m.prefill(st, ids)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30  # before the check below (its temporaries are large)
+        finite = bool(torch.isfinite(out).all() and torch.isfinite(st.k[:, :, :st.n_slots]).all())
         print(f"prefill {a.mode} {L} tokens chunk {C}: {dt:.2f} s ({L / dt:,.0f} tok/s), peak "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+              f"{peak:.2f} GiB; steady chunks (all, from the CUDA graph): "
+              f"{m.last_prefill_graph}; logits and cache finite: {finite}", flush=True)
+        if a.no_profile:
+            del st
+            continue
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
         m.forward(st, ids[:C], logits="none")  # the state is past the window: a steady-state chunk
@@ -98,6 +144,16 @@ def main():
               f"{sum(v[1] for v in by_name.values())} kernels, {wall * 1e3:.1f} ms wall (profiled)")
         for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:a.rows]:
             print(f"{us / 1e3:9.2f} ms {n:6d}x {us / total:6.1%}  {name[:110]}")
+        if a.parts:
+            parts = {}
+            for e in prof.events():
+                if e.name.startswith("part:"):
+                    d = parts.setdefault(e.name[5:], [0.0, 0])
+                    d[0] += e.device_time_total
+                    d[1] += 1
+            print("--- the same chunk by piece (inclusive kernel time; pieces nest, see annotate())")
+            for name, (us, n) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
+                print(f"{us / 1e3:9.2f} ms {n:6d}x {us / total:6.1%}  {name}")
         del st
 
 
