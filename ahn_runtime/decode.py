@@ -30,9 +30,11 @@ returns the plain eager stepper.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -147,26 +149,26 @@ class StaticDecoder:
         """Warm up (compile; kernels choose their configs) on the scratch slot, with the memory update discarded,
         then capture. The state's valid slots and memory are not changed."""
         self._set(0, self.state.pos, self.scratch, False)
-        s = _capture_stream(self.model.device)
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            try:
-                for _ in range(2):
-                    self._step()
-            except Exception as e:  # noqa: BLE001  the compiler failed: eager pieces, still graphed
-                if not self.compiled:
-                    raise
-                log.warning("torch.compile of the decode step failed (%s); using the eager pieces", e)
-                self._eager_pieces()
-                self.compiled = False
-                _COMPILED.clear()
-                _COMPILED["failed"] = True
-                for _ in range(2):
-                    self._step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            self.out = self._step()
+        with capture_stream(self.model.device) as s:
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                try:
+                    for _ in range(2):
+                        self._step()
+                except Exception as e:  # noqa: BLE001  the compiler failed: eager pieces, still graphed
+                    if not self.compiled:
+                        raise
+                    log.warning("torch.compile of the decode step failed (%s); using the eager pieces", e)
+                    self._eager_pieces()
+                    self.compiled = False
+                    _COMPILED.clear()
+                    _COMPILED["failed"] = True
+                    for _ in range(2):
+                        self._step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
+                self.out = self._step()
         self.graph = g
 
     # ---- one token ----------------------------------------------------------------------------------------
@@ -231,6 +233,18 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     if key not in _STREAMS:
         _STREAMS[key] = torch.cuda.Stream(device=device)
     return _STREAMS[key]
+
+
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def capture_stream(device: torch.device):
+    """The side stream, held by one thread at a time: whatever is enqueued on a stream while it is being captured
+    joins the capture, so two chat sessions (two threads) must not warm up or capture on it at once. Capture
+    with capture_error_mode="thread_local" too, so that the other threads' allocations do not break it."""
+    with _CAPTURE_LOCK:
+        yield _capture_stream(device)
 
 
 _PIECES = (write_layers, static_decode_attention, _read_add, apply_rope, add_norm, silu_mul)

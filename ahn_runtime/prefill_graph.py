@@ -9,8 +9,8 @@ by the CPU.
 
 `ChunkGraph` runs the first steady chunk eagerly through `AHNModel.forward` with its ids and positions in static
 device buffers (that run also lets the Triton autotuners, cuDNN and torch.compile settle on this shape; later
-prefills of the same shape in the process skip it), captures the next one, replays it, and replays the graph for
-every further steady chunk. Partial chunks, chunks that
+prefills of the same shape in the process skip it), captures the next one (on the per-device side stream, one
+thread at a time: `decode.capture_stream`), replays it, and replays the graph for every further steady chunk. Partial chunks, chunks that
 need logits, the window-filling chunks and full attention run eagerly. The graph and its memory pool live for one
 prefill (`close`). AHN_PREFILL_GRAPH=0 turns it off; a capture that fails leaves the prefill eager.
 """
@@ -81,26 +81,27 @@ class ChunkGraph:
         return (id(self.model.hf), st.spec, self.C, st.capacity)
 
     def _capture(self, a: int) -> None:
-        from .decode import _capture_stream
+        from .decode import capture_stream
         st, m = self.state, self.model
-        s = _capture_stream(m.device)
-        s.wait_stream(torch.cuda.current_stream())
         g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g, stream=s):
-                m.forward(st, self.ids, logits="none", positions=self.pos)
-        except torch.OutOfMemoryError:
-            st.pos = a
-            raise
-        except Exception as e:  # noqa: BLE001  a kernel that cannot be captured: this prefill stays eager
-            log.warning("capturing the prefill chunk as a CUDA graph failed (%s); prefilling without a graph", e)
-            self.failed = True
-            st.pos = a
+        with capture_stream(m.device) as s:
+            s.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
+                    m.forward(st, self.ids, logits="none", positions=self.pos)
+                err = None
+            except torch.OutOfMemoryError:
+                st.pos = a
+                raise
+            except Exception as e:  # noqa: BLE001  a kernel that cannot be captured: this prefill stays eager
+                err = e
             torch.cuda.current_stream().wait_stream(s)
+        st.pos = a  # capturing ran no kernel
+        if err is not None:
+            log.warning("capturing the prefill chunk as a CUDA graph failed (%s); prefilling without a graph", err)
+            self.failed = True
             m.forward(st, self.ids, logits="none", positions=self.pos)
             return
-        torch.cuda.current_stream().wait_stream(s)
-        st.pos = a  # capturing ran no kernel: replay the chunk now
         self.graph, self.key = g, self._buffers()
         g.replay()
         st.pos = a + self.C
