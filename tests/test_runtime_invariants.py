@@ -195,3 +195,25 @@ def test_bfloat16_on_cpu_close_to_float32():
     cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=-1)
     assert got.dtype == torch.float32 and cos.min() > 0.99
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_forward_with_given_positions_is_the_same_chunk():
+    """`forward(..., positions=)` (how the prefill's CUDA graph passes positions in a static buffer) equals the
+    default, and the steady-chunk predicate of the graph holds exactly for full chunks once sinks and window are
+    full (the graph itself needs CUDA: test_runtime_gpu.py)."""
+    from ahn_runtime.prefill_graph import ChunkGraph
+    m = gdn(window=32, sinks=4)
+    ids = random_ids(150, seed=4)
+    a, b = m.new_state("ahn"), m.new_state("ahn")
+    g = ChunkGraph(m, b, 16)
+    steady = []
+    for s in range(0, 150, 16):
+        chunk = ids[s:s + 16]
+        steady.append(g.applies(chunk.shape[0], "none"))
+        la = m.forward(a, chunk, logits="all")
+        lb = m.forward(b, chunk, logits="all", positions=torch.arange(s, s + chunk.shape[0]))
+        assert torch.equal(la, lb)
+    assert torch.equal(a.memory, b.memory) and torch.equal(a.k, b.k)
+    # sinks + window = 36 tokens: chunks starting at 48, 64, ..., 128 are steady; the last one (6 tokens) is not
+    assert steady == [s >= 36 and s + 16 <= 150 for s in range(0, 150, 16)], steady
+    assert not ChunkGraph.enabled(m)  # CPU: prefill runs eagerly
