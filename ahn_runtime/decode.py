@@ -136,7 +136,7 @@ class StaticDecoder:
             if mem:
                 o = self._read_fn(m.memories[l], o, q, xn, st.memory[l], z, self.keep)
             x, xn = m._tail(l, x, o, self._P)
-        return m.lm_head(xn).float()[-1]
+        return m._logits(xn, "last")[-1]
 
     def _set(self, token: int, pos: int, slot: int, evict: bool):
         self.tok.fill_(int(token))
@@ -226,25 +226,23 @@ _COMPILED: dict = {}
 _STREAMS: dict = {}
 
 
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace (32 MiB on Hopper)
-    for each stream it has run on, for the life of the process, so a new stream per answer would leak it."""
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _STREAMS:
-        _STREAMS[key] = torch.cuda.Stream(device=device)
-    return _STREAMS[key]
-
-
 _CAPTURE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def capture_stream(device: torch.device):
-    """The side stream, held by one thread at a time: whatever is enqueued on a stream while it is being captured
-    joins the capture, so two chat sessions (two threads) must not warm up or capture on it at once. Capture
-    with capture_error_mode="thread_local" too, so that the other threads' allocations do not break it."""
+    """One side stream per device for every warm-up and capture (decode and prefill), held by one thread at a
+    time.
+    - One per device, not one per answer: cuBLAS keeps a workspace (32 MiB on Hopper) for each stream it has run
+      on, for the life of the process, so a new stream per answer would leak it.
+    - One thread at a time: whatever is enqueued on a stream while it is being captured joins the capture, and
+      two chat sessions run in two threads. Capture with capture_error_mode="thread_local" too, so that the other
+      threads' allocations do not break it."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
     with _CAPTURE_LOCK:
-        yield _capture_stream(device)
+        if key not in _STREAMS:
+            _STREAMS[key] = torch.cuda.Stream(device=device)
+        yield _STREAMS[key]
 
 
 _PIECES = (write_layers, static_decode_attention, _read_add, apply_rope, add_norm, silu_mul)

@@ -54,6 +54,12 @@ def rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def _join(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.cat([a, b]) along dim 0, without a copy when one side is empty (in a steady prefill chunk every
+    token written into the memory comes from the window buffer)."""
+    return b if a.shape[0] == 0 else a if b.shape[0] == 0 else torch.cat([a, b])
+
+
 def norm_eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
@@ -135,12 +141,11 @@ class AHNModel:
         x = x + layer.self_attn.o_proj(o.reshape(T, -1))
         return x + layer.mlp(rms(layer.post_attention_layernorm, x))
 
-    def _logits(self, x, which):
+    def _logits(self, xn, which):
+        """Logits of the final-normed hidden states xn [T, h] (`_tail` of the last layer): 'none', 'last', 'all'."""
         if which == "none":
             return None
-        if which == "last":
-            x = x[-1:]
-        return self.lm_head(rms(self.norm, x)).float()
+        return self.lm_head(xn[-1:] if which == "last" else xn).float()
 
     def _memory(self, l, state, q, kw, vw, gw, xq, o, P=None):
         """Write kw/vw (un-expanded KV heads) with gates gw into layer l's memory, read with q [n, H, D] (their
@@ -187,21 +192,15 @@ class AHNModel:
                 mid = min(j1, max(a, j0))  # [j0, mid) come from the window buffer, [mid, j1) from this chunk
                 old = slice(S + j0 - w0, S + mid - w0)
                 new = slice(mid - a, j1 - a)
-
-                def cat(buffered, fresh):  # no copy when all written tokens come from one side
-                    return fresh if buffered.shape[0] == 0 else buffered if fresh.shape[0] == 0 else \
-                        torch.cat([buffered, fresh])
-                kw = cat(K[:, old].transpose(0, 1), k[new])
-                vw = cat(V[:, old].transpose(0, 1), v[new])
-                gw = {g: cat(state.gates[g][l, old], gates[g][new]) for g in gates}
+                kw = _join(K[:, old].transpose(0, 1), k[new])
+                vw = _join(V[:, old].transpose(0, 1), v[new])
+                gw = {g: _join(state.gates[g][l, old], gates[g][new]) for g in gates}
                 rows = slice(j0 + int(W) - a, j1 + int(W) - a)
                 self._memory(l, state, q[rows], kw, vw, gw, xn[rows], o[rows], P)
             x, xn = self._tail(l, x, o, P)
             self._store_chunk(state, l, k, v, gates, a, b, w0, win_len, new_w0)
         state.pos = b
-        if logits == "none":
-            return None
-        return self.lm_head(xn[-1:] if logits == "last" else xn).float()
+        return self._logits(xn, logits)
 
     def _tail(self, l, x, o, P):
         """The rest of layer l after attention (o [T, H, D]): o_proj, residual + post-attention RMSNorm, MLP,
@@ -267,11 +266,12 @@ class AHNModel:
         if mem:  # the token leaving the window was cached: every layer's write first, as one batched update
             self._write_leaving(state, slot)
         ids = torch.as_tensor([int(token)], device=self.device)
+        P = prefill_pieces(self.device)
         x = self.embed(ids)
         cos, sin = self._rope(x, t, 1)
+        xn = rms(self.layers[0].input_layernorm, x)
         for l, layer in enumerate(self.layers):
-            xn = rms(layer.input_layernorm, x)
-            q, k, v = self._qkv(layer, xn, cos, sin)
+            q, k, v = self._qkv(layer, xn, cos, sin, rope=P.rope)
             K, V = state.k[l], state.v[l]
             gates = self.memories[l].gates(xn) if state.spec.has_memory else {}
             if official:
@@ -285,11 +285,11 @@ class AHNModel:
                 o = decode_attention(q, K[:, :n_after], V[:, :n_after], self.scale)
             if mem:
                 o = o + self.memories[l].read(q, xn, state.memory[l]).view(-1, self.n_heads, self.head_dim)
-            x = self._finish_layer(layer, x, o)
+            x, xn = self._tail(l, x, o, P)
         if evict is not None:
             state.rot = (state.rot + 1) % int(W)
         state.pos = t + 1
-        return self._logits(x, logits)
+        return self._logits(xn, logits)
 
     def _write_leaving(self, state: SequenceState, slot: int):
         """Write the cached token in window slot `slot` (about to be overwritten) into the memory of every layer.
@@ -331,7 +331,6 @@ class AHNModel:
         ids = torch.randint(0, self.vocab_size, (small.config.sinks + 3 * C,), generator=g, device=self.device)
         state = small.new_state("ahn" if self.memories is not None else "window")
         small.prefill(state, ids, logits="none")
-        state.release()
         torch.cuda.synchronize(self.device)
         return True
 

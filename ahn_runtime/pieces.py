@@ -20,7 +20,6 @@ import os
 from types import SimpleNamespace
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
 from .memory.base import rms_normalize
@@ -95,6 +94,7 @@ def compiled() -> SimpleNamespace:
     if not _PREFILL:
         # one compiled graph per memory variant, dtype and 0/1-size specialisation: a session that switches models
         # passes dynamo's default of 8 per function, after which it would silently run the pieces eagerly
+        import torch._dynamo  # not at import: the CPU never compiles
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 64))

@@ -4,7 +4,7 @@ axis; strided views of the state's buffers vs contiguous copies. Prints JSON (an
     python bench/probe_cudnn.py
 """
 import time, torch, json, os
-from ahn_runtime.kernels.attention import _cudnn, _flash, attention_ref
+from ahn_runtime.kernels.attention import _cudnn, attention_ref
 
 dev = "cuda"; dt = torch.bfloat16
 T, H, Hkv, D, W, S = 6144, 16, 2, 128, 32640, 128

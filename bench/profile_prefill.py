@@ -29,7 +29,7 @@ def _wrap(owner, attr, label):
     def inner(*args, **kw):
         with torch.profiler.record_function("part:" + label):
             return fn(*args, **kw)
-    setattr(owner, attr, staticmethod(inner) if isinstance(vars(owner).get(attr), classmethod) else inner)
+    setattr(owner, attr, inner)
     return inner
 
 

@@ -189,6 +189,19 @@ def test_window_attention_matches_reference(T, W, S, start):
     assert close(out, ref, 1e-5)
 
 
+@pytest.mark.parametrize("T,N", [(9, 4), (4, 9), (6, 6)])
+def test_causal_attention_of_unequal_lengths_is_aligned_top_left(T, N):
+    """`_sdpa_lse(..., causal=True)`: query t sees keys <= t for any lengths (the edge block of the chunk where the
+    window fills has fewer keys than queries), grouped-query heads included."""
+    from ahn_runtime.kernels import attention as A
+    g = torch.Generator().manual_seed(T * N)
+    q, k, v = torch.randn(4, T, 8, generator=g), torch.randn(2, N, 8, generator=g), torch.randn(2, N, 8, generator=g)
+    o, lse = A._sdpa_lse(q, k, v, 0.3, causal=True)
+    mask = torch.ones(T, N, dtype=torch.bool).tril()
+    ro, rl = A._sdpa_lse_math(q, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), 0.3, mask=mask)
+    assert o.shape == (4, T, 8) and close(o, ro, 1e-5) and close(lse, rl, 1e-5)
+
+
 def test_bfloat16_on_cpu_close_to_float32():
     ref, _ = run_logits(gdn(window=32, sinks=8), random_ids(160, seed=12), decode_from=120)
     got, _ = run_logits(gdn(window=32, sinks=8, dtype="bfloat16"), random_ids(160, seed=12), decode_from=120)

@@ -50,7 +50,7 @@ def _sdpa_lse_math(q, k, v, scale, mask=None, causal=False):
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
         T, N = s.shape[-2:]
-        mask = torch.ones(T, N, dtype=torch.bool, device=s.device).tril(N - T)
+        mask = torch.ones(T, N, dtype=torch.bool, device=s.device).tril()
     if mask is not None:
         s = s.masked_fill(~mask, NEG_INF)
     lse = torch.logsumexp(s, dim=-1)
@@ -117,12 +117,17 @@ def _probe(device, dtype) -> str:
 
 def _sdpa_lse(q, k, v, scale, mask=None, causal=False):
     """Fused attention with log-sum-exp. q [H, T, D], k/v [Hkv, N, D] (Hkv divides H: query head h uses KV head
-    h // (H / Hkv)); mask [T, N] bool or None; causal: query t sees keys <= t, only for T == N (the kernels
-    disagree on how to align a causal mask of unequal lengths). Any strides."""
+    h // (H / Hkv)); mask [T, N] bool or None; causal: query t sees keys <= t (aligned top-left for any lengths;
+    the fused kernels only ever get square causal blocks, since they disagree on how to align unequal ones:
+    FlashAttention-2 aligns them bottom-right). Any strides."""
     H, T, D = q.shape
-    Hkv = k.shape[0]
-    if causal and T != k.shape[1]:
-        raise ValueError(f"causal attention needs as many queries as keys (got {T} and {k.shape[1]})")
+    Hkv, N = k.shape[0], k.shape[1]
+    if causal and T < N:  # the keys past the last query are seen by none
+        k, v = k[:, :T], v[:, :T]
+    elif causal and T > N:  # the first N queries are a square causal block, the others see every key
+        o, lse = _sdpa_lse(q[:, :N], k, v, scale, causal=True)
+        o2, lse2 = _sdpa_lse(q[:, N:], k, v, scale)
+        return torch.cat([o, o2.to(o.dtype)], 1), torch.cat([lse, lse2], 1)
     if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None and D <= 256
             and cuda_backend(q.device, q.dtype) == "cudnn"):
         return _cudnn(q, k, v, scale, causal)
@@ -157,7 +162,7 @@ def _sdpa_lse_heads(q, k, v, scale, mask=None, causal=False):
         return _sdpa_lse_math(q, k, v, scale, mask, causal)
     if causal:
         N = k.shape[1]
-        mask = torch.ones(T, N, dtype=torch.bool, device=q.device).tril(N - T)
+        mask = torch.ones(T, N, dtype=torch.bool, device=q.device).tril()
     outs, lses = [], []
     for i in range(0, T, step):
         o, l = _sdpa_lse_math(q[:, i:i + step], k, v, scale, None if mask is None else mask[i:i + step])
@@ -213,19 +218,11 @@ def _ranges(a: int, b: int, window: float, sinks: int, p0: int, p1: int):
 def _edge(q, k, v, scale):
     """Keys leaving the window during the chunk: key j (of n, oldest first) is visible to query i iff
     i < j + T - n. Reversing queries and keys turns this into an ordinary causal block: reversed query row
-    r = T-2-i (the last query sees none of these keys and is dropped) sees reversed key j' = n-1-j iff j' <= r.
-    In a steady chunk n = T - 1 and that is one square causal kernel; in the chunk where the window fills,
-    n < T - 1: rows r < n form the square causal block and rows r >= n see all n keys (one unmasked kernel).
-    (A fused causal kernel over unequal lengths would not do: FlashAttention-2 aligns such a mask to the
-    bottom right, leaving the first rows without keys.)
+    r = T-2-i (the last query sees none of these keys and is dropped) sees reversed key j' = n-1-j iff j' <= r
+    (n = T - 1 in a steady chunk; fewer in the chunk where the window fills).
     q [T, H, D], k/v [n, Hkv, D]. Returns the part in reversed form (`merge.merge_parts`: row r is query T-2-r)."""
-    n = k.shape[0]
-    qr = q.flip(0)[1:].transpose(0, 1)  # [H, T-1, D]
-    kr, vr = k.flip(0).transpose(0, 1), v.flip(0).transpose(0, 1)
-    o, lse = _sdpa_lse(qr[:, :n], kr, vr, scale, causal=True)
-    if n < qr.shape[1]:
-        o2, lse2 = _sdpa_lse(qr[:, n:], kr, vr, scale)
-        o, lse = torch.cat([o, o2.to(o.dtype)], 1), torch.cat([lse, lse2], 1)
+    o, lse = _sdpa_lse(q.flip(0)[1:].transpose(0, 1), k.flip(0).transpose(0, 1), v.flip(0).transpose(0, 1), scale,
+                       causal=True)
     return o, lse, True
 
 
