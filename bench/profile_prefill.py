@@ -55,6 +55,30 @@ def annotate():
     _wrap(delta.GatedDeltaNet, "gates", "layer.gates")
 
 
+def find_syncs(m, st, ids):
+    """Print the distinct Python call sites of the host-device synchronisations in one chunk (eager forward)."""
+    import traceback
+    import warnings
+    sites = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename]
+        key = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-6:]))
+        sites[key] = sites.get(key, 0) + 1
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():  # restores showwarning
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            m.forward(st, ids, logits="none")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"--- host syncs in one eager chunk: {sum(sites.values())} at {len(sites)} call sites")
+    for key, n in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"{n:5d}x  {key}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="qwen2.5-3b")
@@ -73,6 +97,9 @@ def main():
     ap.add_argument("--parts", action="store_true",
                     help="also attribute the profiled chunk's kernel time to the pieces of a layer (record_function "
                          "ranges around the runtime's functions; inclusive times, pieces nest)")
+    ap.add_argument("--find-syncs", action="store_true",
+                    help="run one steady-state chunk with torch.cuda.set_sync_debug_mode('warn') and print where "
+                         "each host-device synchronisation comes from (the Python frames)")
     ap.add_argument("--warm-up", action="store_true", help="with --cold: time AHNModel.warm_up() first (as the app "
                                                            "does at load)")
     a = ap.parse_args()
@@ -110,6 +137,8 @@ def main():
         print(f"prefill {a.mode} {L} tokens chunk {C}: {dt:.2f} s ({L / dt:,.0f} tok/s), peak "
               f"{peak:.2f} GiB; steady chunks (all, from the CUDA graph): "
               f"{m.last_prefill_graph}; logits and cache finite: {finite}", flush=True)
+        if a.find_syncs:
+            find_syncs(m, st, ids[:C])
         if a.no_profile:
             del st
             continue
