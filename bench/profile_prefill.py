@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
 import sys
 import time
 
@@ -151,11 +150,6 @@ def main():
             m.forward(st, ids[:C], logits="none")
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        syncs = {}
-        for e in prof.events():  # host-device synchronisations stall the Python loop until the GPU catches up
-            if e.device_type != DeviceType.CUDA and re.search(r"Synchronize|_local_scalar_dense|nonzero|DtoH", e.name):
-                syncs[e.name] = syncs.get(e.name, 0) + 1
-        print(f"host syncs in the chunk: {syncs}")
         t0 = time.perf_counter()
         m.forward(st, ids[:C], logits="none")
         cpu = time.perf_counter() - t0  # Python + launch time (the GPU may still be running)
