@@ -17,7 +17,7 @@ from .kernels import recurrent
 from .kernels.attention import KeyBlock, decode_attention, window_attention
 from .memory.base import stack_write_params, write_layers
 from .pieces import apply_rope, prefill_pieces
-from .prefill_graph import ChunkGraph, prefill_chunks
+from .prefill_graph import ChunkGraph, fill_mlp_rows, prefill_chunks
 from .state import MODES, SequenceState, StateSpec
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -377,7 +377,7 @@ class AHNModel:
                 else:
                     if graph is not None:
                         graph.close()
-                    out = self.forward(state, chunk, logits=which, mlp_rows=C)
+                    out = self.forward(state, chunk, logits=which, mlp_rows=fill_mlp_rows(C) if n > C else C)
                     if out is not None:
                         outs.append(out)
                 if progress is not None:

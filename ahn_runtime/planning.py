@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import AHNError
-from .prefill_graph import fill_chunk
+from .prefill_graph import fill_chunk, fill_mlp_rows
 from .state import SequenceState
 
 MARGIN = 256 << 20  # allocator fragmentation, cuBLAS/cuDNN workspaces, kernel scratch not modelled
@@ -53,12 +53,12 @@ def slots_for(model, mode: str, n_tokens: int) -> int:
 def chunk_workspace(model, mode: str, chunk: int, window_tokens: int) -> int:
     """Peak transient bytes while one prefill chunk goes through a layer: the larger of a `chunk`-token chunk
     and, outside full mode, of the longer chunks that fill the window (`prefill_graph.prefill_chunks`: no memory
-    work, the MLP in row blocks of `chunk`)."""
+    work, the MLP in row blocks of C/2)."""
     steady = _workspace(model, mode, chunk, chunk, window_tokens, memory=True)
     if mode == "full" or not window_tokens:
         return steady
     F = fill_chunk(chunk, window_tokens - model.config.sinks)
-    return max(steady, _workspace(model, mode, F, chunk, 0, memory=False))
+    return max(steady, _workspace(model, mode, F, fill_mlp_rows(chunk), 0, memory=False))
 
 
 def _workspace(model, mode: str, T: int, mlp_rows: int, window_tokens: int, memory: bool) -> int:

@@ -4,7 +4,7 @@
 token reaches the memory yet and a chunk's attention is cheap, so a C-token chunk there is bound by the Python
 loop that launches its kernels, not by the GPU. Those chunks are up to twice as long (at most W) and the last one
 ends exactly where the window is full, so every later full chunk is a steady one. Their MLP runs in row blocks of
-C (`AHNModel._tail`), which keeps their peak memory near that of a C-token chunk (`planning.chunk_workspace`).
+C/2 (`AHNModel._tail`), which keeps their peak memory near that of a C-token chunk (`planning.chunk_workspace`).
 
 Once the sinks and the window are full, every prefill chunk of C tokens (C <= W) has the same shapes and touches
 the same buffer offsets: the sinks are slots [0, S), the window [S, S + W); the chunk writes the window's oldest C
@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 def fill_chunk(C: int, window: float) -> int:
     """Length of the chunks while the window fills: 2C, but at most the window (and never less than C)."""
     return int(max(C, min(2 * C, window)))
+
+
+def fill_mlp_rows(C: int) -> int:
+    """Row blocks of the MLP in the chunks that fill the window: C/2, so that their activations (twice a C-token
+    chunk's, besides the MLP) stay within those of a steady C-token chunk, whose memory work they do not have."""
+    return max(1, C // 2)
 
 
 def prefill_chunks(pos: int, T: int, C: int, sinks: int, window: float | None) -> list[tuple[int, int]]:
