@@ -17,7 +17,7 @@ from .kernels import recurrent
 from .kernels.attention import KeyBlock, decode_attention, window_attention
 from .memory.base import stack_write_params, write_layers
 from .pieces import apply_rope, prefill_pieces
-from .prefill_graph import ChunkGraph, fill_mlp_rows, prefill_chunks
+from .prefill_graph import ChunkGraph
 from .state import MODES, SequenceState, StateSpec
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -159,11 +159,10 @@ class AHNModel:
     # ---- prefill chunk ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, state: SequenceState, ids: torch.Tensor, logits: str = "last",
-                positions: torch.Tensor | None = None, mlp_rows: int | None = None):
+                positions: torch.Tensor | None = None):
         """Process ids [T] at positions state.pos.. ; returns logits [1 or T, V] float32 (or None).
         positions: those positions as a device tensor [T] (the prefill's CUDA graph keeps them in a static
-        buffer); by default made here. mlp_rows: the MLP runs in row blocks of at most this many tokens (default
-        the configured chunk size), which bounds its activations for long chunks."""
+        buffer); by default made here."""
         T = int(ids.shape[0])
         if T == 0:
             return None
@@ -178,7 +177,6 @@ class AHNModel:
         j0, j1 = max(S, a - W), b - W  # tokens written into memory in this chunk (t = j + W reads)
         j0, j1 = (int(j0), int(j1)) if mem and j1 > j0 else (0, 0)
         P = prefill_pieces(self.device)
-        mlp_rows = int(mlp_rows or self.config.chunk_size)
         x = self.embed(ids.to(self.device))
         cos, sin = self._rope(x, a, T, positions)
         xn = rms(self.layers[0].input_layernorm, x)
@@ -199,30 +197,23 @@ class AHNModel:
                 gw = {g: _join(state.gates[g][l, old], gates[g][new]) for g in gates}
                 rows = slice(j0 + int(W) - a, j1 + int(W) - a)
                 self._memory(l, state, q[rows], kw, vw, gw, xn[rows], o[rows], P)
-            x, xn = self._tail(l, x, o, P, mlp_rows)
+            x, xn = self._tail(l, x, o, P)
             self._store_chunk(state, l, k, v, gates, a, b, w0, win_len, new_w0)
         state.pos = b
         return self._logits(xn, logits)
 
-    def _tail(self, l, x, o, P, rows: int | None = None):
-        """The rest of layer l after attention (o [T, H, D]): o_proj, residual + post-attention RMSNorm, MLP (in
-        row blocks of at most `rows` tokens), residual + the next layer's input RMSNorm (the final norm after the
-        last layer). Returns (x, its norm)."""
+    def _tail(self, l, x, o, P):
+        """The rest of layer l after attention (o [T, H, D]): o_proj, residual + post-attention RMSNorm, MLP,
+        residual + the next layer's input RMSNorm (the final norm after the last layer). Returns (x, its norm)."""
         layer = self.layers[l]
-        T = x.shape[0]
-        y = layer.self_attn.o_proj(o.reshape(T, -1))
+        y = layer.self_attn.o_proj(o.reshape(x.shape[0], -1))
         ln = layer.post_attention_layernorm
         x, xn = P.add_norm(x, y, ln.weight, norm_eps(ln))
         mlp = layer.mlp
-
-        def f(z):
-            return mlp.down_proj(P.silu_mul(mlp.gate_proj(z), mlp.up_proj(z))) if self._swiglu else mlp(z)
-        if rows is None or T <= rows:
-            y = f(xn)
-        else:  # the MLP's intermediate activations are the largest of a chunk: a block at a time
-            y = torch.empty_like(x)
-            for i in range(0, T, rows):
-                y[i:i + rows] = f(xn[i:i + rows])
+        if self._swiglu:
+            y = mlp.down_proj(P.silu_mul(mlp.gate_proj(xn), mlp.up_proj(xn)))
+        else:
+            y = mlp(xn)
         ln = self.layers[l + 1].input_layernorm if l + 1 < self.n_layers else self.norm
         return P.add_norm(x, y, ln.weight, norm_eps(ln))
 
@@ -369,19 +360,19 @@ class AHNModel:
             outs = []
             ids = ids.to(self.device)  # once: a copy per chunk from pageable memory would wait for the GPU
             graph = ChunkGraph(self, state, C) if ChunkGraph.enabled(self) else None
-            for s, n in prefill_chunks(state.pos, T, C, state.spec.sinks, state.spec.window):
-                chunk = ids[s:s + n]
-                which = "all" if logits == "all" else ("last" if s + n >= T and logits == "last" else "none")
-                if graph is not None and graph.applies(n, which):
+            for s in range(0, T, C):
+                chunk = ids[s:s + C]
+                which = "all" if logits == "all" else ("last" if s + C >= T and logits == "last" else "none")
+                if graph is not None and graph.applies(chunk.shape[0], which):
                     graph.run(chunk)
                 else:
                     if graph is not None:
                         graph.close()
-                    out = self.forward(state, chunk, logits=which, mlp_rows=fill_mlp_rows(C) if n > C else C)
+                    out = self.forward(state, chunk, logits=which)
                     if out is not None:
                         outs.append(out)
                 if progress is not None:
-                    progress(s + n, T)
+                    progress(min(T, s + C), T)
             self.last_prefill_graph = None if graph is None else (graph.runs, graph.replays)
             if graph is not None:
                 graph.close()

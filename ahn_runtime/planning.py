@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from .errors import AHNError
-from .prefill_graph import fill_chunk, fill_mlp_rows
 from .state import SequenceState
 
 MARGIN = 256 << 20  # allocator fragmentation, cuBLAS/cuDNN workspaces, kernel scratch not modelled
@@ -51,31 +50,22 @@ def slots_for(model, mode: str, n_tokens: int) -> int:
 
 
 def chunk_workspace(model, mode: str, chunk: int, window_tokens: int) -> int:
-    """Peak transient bytes while one prefill chunk goes through a layer: the larger of a `chunk`-token chunk
-    and, outside full mode, of the longer chunks that fill the window (`prefill_graph.prefill_chunks`: no memory
-    work, the MLP in row blocks of C/2)."""
-    steady = _workspace(model, mode, chunk, chunk, window_tokens, memory=True)
-    if mode == "full" or not window_tokens:
-        return steady
-    F = fill_chunk(chunk, window_tokens - model.config.sinks)
-    return max(steady, _workspace(model, mode, F, fill_mlp_rows(chunk), 0, memory=False))
-
-
-def _workspace(model, mode: str, T: int, mlp_rows: int, window_tokens: int, memory: bool) -> int:
+    """Peak transient bytes while one chunk of `chunk` tokens goes through a layer."""
     c = model.hf.config
     e = _esize(model.dtype)
     h, I = c.hidden_size, c.intermediate_size
     H, Hkv, D = model.n_heads, model.n_kv_heads, model.head_dim
+    T = chunk
     act = T * (3 * h + H * D * 2 + 2 * Hkv * D) * e  # x, residual, xn, q (+rotated), k, v
-    mlp = min(T, mlp_rows) * I * 3 * e + (T * h * e if T > mlp_rows else 0)  # gate, up, act*up (+ blocks' out)
+    mlp = T * I * 3 * e  # gate, up, act*up
     # attention: up to four partial outputs [H, T, D] in float32 with their LSEs, the merged output, and the
     # GQA-expanded K/V of the chunk's own causal block
     attn = 4 * T * H * (D + 1) * 4 + T * H * D * (4 + e) + 2 * T * H * D * e
     mem = 0
-    if mode == "ahn" and memory:
+    if mode == "ahn":
         # write/read keys and values expanded to H heads, gates, fla's chunked scratch (~6 [T, H, D] float32)
         mem = T * H * D * (4 * e + 6 * 4) + T * H * 8
-    if mode != "full" and window_tokens:  # the window shift in _store_chunk copies the surviving window of one layer
+    if mode != "full":  # the window shift in _store_chunk copies the surviving window of one layer
         mem += 2 * Hkv * D * e * min(window_tokens, T + window_tokens)
     deq = 0
     from .quantize import quantization_of

@@ -1,10 +1,4 @@
-"""The prefill's chunk schedule, and its steady-state chunks replayed from one CUDA graph.
-
-`prefill_chunks` cuts a prompt into chunks of C tokens, except while the window fills: before position S + W no
-token reaches the memory yet and a chunk's attention is cheap, so a C-token chunk there is bound by the Python
-loop that launches its kernels, not by the GPU. Those chunks are up to twice as long (at most W) and the last one
-ends exactly where the window is full, so every later full chunk is a steady one. Their MLP runs in row blocks of
-C/2 (`AHNModel._tail`), which keeps their peak memory near that of a C-token chunk (`planning.chunk_workspace`).
+"""Steady-state prefill chunks replayed from one CUDA graph.
 
 Once the sinks and the window are full, every prefill chunk of C tokens (C <= W) has the same shapes and touches
 the same buffer offsets: the sinks are slots [0, S), the window [S, S + W); the chunk writes the window's oldest C
@@ -30,33 +24,6 @@ import torch
 from .state import SequenceState
 
 log = logging.getLogger(__name__)
-
-
-def fill_chunk(C: int, window: float) -> int:
-    """Length of the chunks while the window fills: 2C, but at most the window (and never less than C)."""
-    return int(max(C, min(2 * C, window)))
-
-
-def fill_mlp_rows(C: int) -> int:
-    """Row blocks of the MLP in the chunks that fill the window: C/2, so that their activations (twice a C-token
-    chunk's, besides the MLP) stay within those of a steady C-token chunk, whose memory work they do not have."""
-    return max(1, C // 2)
-
-
-def prefill_chunks(pos: int, T: int, C: int, sinks: int, window: float | None) -> list[tuple[int, int]]:
-    """(offset, length) of the chunks that feed T tokens into a state at position pos."""
-    end = sinks + window if window is not None and window != float("inf") else 0
-    F = fill_chunk(C, window) if end else C
-    out, s = [], 0
-    while s < T:
-        p = pos + s
-        n = min(F, end - p) if p < end else C
-        n = min(n, T - s)
-        out.append((s, int(n)))
-        s += n
-    return out
-
-
 _SEEN: set = set()  # (model, state spec, chunk, capacity) of steady chunks already run eagerly in this process
 
 

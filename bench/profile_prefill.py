@@ -96,9 +96,6 @@ def main():
     ap.add_argument("--parts", action="store_true",
                     help="also attribute the profiled chunk's kernel time to the pieces of a layer (record_function "
                          "ranges around the runtime's functions; inclusive times, pieces nest)")
-    ap.add_argument("--fill", default="2",
-                    help="comma list: the window fills in chunks of up to FILL * C tokens (the runtime's is 2; 1 = "
-                         "chunks of C, as before 2026-11-29); each value is timed")
     ap.add_argument("--find-syncs", action="store_true",
                     help="run one steady-state chunk with torch.cuda.set_sync_debug_mode('warn') and print where "
                          "each host-device synchronisation comes from (the Python frames)")
@@ -124,10 +121,7 @@ def main():
             torch.cuda.synchronize()
             print(f"cold-process prefill {a.mode} {n} tokens: {time.perf_counter() - t0:.2f} s", flush=True)
         return
-    from ahn_runtime import prefill_graph
-    runs = [(C, float(f)) for C in map(int, a.chunks.split(",")) for f in a.fill.split(",")]
-    for C, fill in runs:
-        prefill_graph.fill_chunk = lambda c, w, f=fill: int(max(c, min(f * c, w)))
+    for C in map(int, a.chunks.split(",")):
         m = model.with_config(RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=C))
         m.prefill(m.new_state(a.mode), ids[:a.sinks + a.window + 3 * C])  # warm-up / autotune
         torch.cuda.synchronize()
@@ -139,8 +133,7 @@ def main():
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30  # before the check below (its temporaries are large)
         finite = bool(torch.isfinite(out).all() and torch.isfinite(st.k[:, :, :st.n_slots]).all())
-        print(f"prefill {a.mode} {L} tokens chunk {C} (window fill in chunks of up to {fill:g}C): {dt:.2f} s "
-              f"({L / dt:,.0f} tok/s), peak "
+        print(f"prefill {a.mode} {L} tokens chunk {C}: {dt:.2f} s ({L / dt:,.0f} tok/s), peak "
               f"{peak:.2f} GiB; steady chunks (all, from the CUDA graph): "
               f"{m.last_prefill_graph}; logits and cache finite: {finite}", flush=True)
         if a.find_syncs:
