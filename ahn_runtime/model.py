@@ -159,10 +159,11 @@ class AHNModel:
     # ---- prefill chunk ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, state: SequenceState, ids: torch.Tensor, logits: str = "last",
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, recurring: bool = False):
         """Process ids [T] at positions state.pos.. ; returns logits [1 or T, V] float32 (or None).
         positions: those positions as a device tensor [T] (the prefill's CUDA graph keeps them in a static
-        buffer); by default made here."""
+        buffer); by default made here. recurring: a full prefill chunk, whose attention shapes come again (see
+        `kernels.attention._sdpa_lse`: only those are worth cuDNN's per-shape plans)."""
         T = int(ids.shape[0])
         if T == 0:
             return None
@@ -186,7 +187,7 @@ class AHNModel:
             blocks = [KeyBlock(K[:, :n_sink].transpose(0, 1), V[:, :n_sink].transpose(0, 1), 0),
                       KeyBlock(K[:, S:S + win_len].transpose(0, 1), V[:, S:S + win_len].transpose(0, 1), w0),
                       KeyBlock(k, v, a)]
-            o = window_attention(q, a, blocks, W, S, self.scale)
+            o = window_attention(q, a, blocks, W, S, self.scale, recurring)
             gates = self.memories[l].gates(xn) if mem else {}
             if j1 > j0:
                 mid = min(j1, max(a, j0))  # [j0, mid) come from the window buffer, [mid, j1) from this chunk
@@ -368,7 +369,7 @@ class AHNModel:
                 else:
                     if graph is not None:
                         graph.close()
-                    out = self.forward(state, chunk, logits=which)
+                    out = self.forward(state, chunk, logits=which, recurring=chunk.shape[0] == C)
                     if out is not None:
                         outs.append(out)
                 if progress is not None:

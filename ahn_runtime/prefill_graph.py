@@ -70,7 +70,7 @@ class ChunkGraph:
             # the first steady chunk of this shape in the process (kernels still choose their configs), or the
             # buffers moved: eagerly
             self.close()
-            m.forward(st, self.ids, logits="none", positions=self.pos)
+            m.forward(st, self.ids, logits="none", positions=self.pos, recurring=True)
             _SEEN.add(self._shape())
         else:
             self._capture(a)
@@ -88,7 +88,7 @@ class ChunkGraph:
             s.wait_stream(torch.cuda.current_stream())
             try:
                 with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
-                    m.forward(st, self.ids, logits="none", positions=self.pos)
+                    m.forward(st, self.ids, logits="none", positions=self.pos, recurring=True)
                 err = None
             except torch.OutOfMemoryError:
                 st.pos = a
@@ -100,7 +100,7 @@ class ChunkGraph:
         if err is not None:
             log.warning("capturing the prefill chunk as a CUDA graph failed (%s); prefilling without a graph", err)
             self.failed = True
-            m.forward(st, self.ids, logits="none", positions=self.pos)
+            m.forward(st, self.ids, logits="none", positions=self.pos, recurring=True)
             return
         self.graph, self.key = g, self._buffers()
         g.replay()

@@ -28,7 +28,7 @@ def scan(label):
         st.reserve(600, exact=True)
         msg = "no nan"
         for s in range(0, 600, 32):
-            m.forward(st, ids[s:s + 32], logits="none")
+            m.forward(st, ids[s:s + 32], logits="none", recurring=True)
             bad = [l for l in range(3) if torch.isnan(st.k[l]).any()]
             if bad:
                 msg = f"nan after chunk at {s}, layers {bad}"; break
@@ -50,7 +50,7 @@ def wa(T, W, S, a, H=16, Hkv=2, D=128):
     w0 = a - W
     blocks = [A.KeyBlock(K[:, :S].transpose(0, 1), V[:, :S].transpose(0, 1), 0),
               A.KeyBlock(K[:, S:S + W].transpose(0, 1), V[:, S:S + W].transpose(0, 1), w0), A.KeyBlock(k, v, a)]
-    out = A.window_attention(q, a, blocks, W, S, D ** -0.5)
+    out = A.window_attention(q, a, blocks, W, S, D ** -0.5, recurring=True)
     kk = torch.cat([K[:, :S].transpose(0, 1), K[:, S:S + W].transpose(0, 1), k])
     vv = torch.cat([V[:, :S].transpose(0, 1), V[:, S:S + W].transpose(0, 1), v])
     kpos = torch.cat([torch.arange(S), torch.arange(w0, a), torch.arange(a, a + T)]).cuda()

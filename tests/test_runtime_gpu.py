@@ -36,7 +36,8 @@ def test_fla_kernels_match_reference(kind, T):
 
 @pytest.mark.parametrize("T,W,S,start", [(512, 256, 4, 1000), (2048, 32640, 128, 40000), (300, 100, 0, 0),
                                          (32, 96, 4, 96), (1024, 2048, 16, 1800)])  # (the window fills in the chunk)
-def test_window_attention_fused_matches_reference(T, W, S, start):
+@pytest.mark.parametrize("recurring", [True, False])  # cuDNN where it is the faster backend / FlashAttention-2
+def test_window_attention_fused_matches_reference(T, W, S, start, recurring):
     g = torch.Generator().manual_seed(T)
     H, Hkv, D = 16, 2, 128
     q = torch.randn(T, H, D, generator=g).cuda().bfloat16()
@@ -48,7 +49,7 @@ def test_window_attention_fused_matches_reference(T, W, S, start):
     v = torch.randn_like(k)
     blocks = [A.KeyBlock(old[:n_sink], oldv[:n_sink], 0), A.KeyBlock(old[n_sink:], oldv[n_sink:], w0),
               A.KeyBlock(k, v, start)]
-    out = A.window_attention(q, start, blocks, W, S, D ** -0.5)
+    out = A.window_attention(q, start, blocks, W, S, D ** -0.5, recurring)
     kpos = torch.cat([torch.arange(n_sink), torch.arange(w0, start), torch.arange(start, start + T)]).cuda()
     ref = A.attention_ref(q.float(), torch.cat([old, k]).float(), torch.cat([oldv, v]).float(),
                           torch.arange(start, start + T).cuda(), kpos, W, S, D ** -0.5)
@@ -287,3 +288,31 @@ def test_warm_up_runs_the_memory_kernels_and_changes_nothing(tmp_path):
     m.prefill(b, ids)
     assert torch.equal(a.memory, b.memory) and a.compressed > 0
     assert m.with_config(m.config).warm_up() is True
+
+
+def test_cudnn_runs_only_the_shapes_of_full_prefill_chunks(tmp_path, monkeypatch):
+    """cuDNN builds a plan for every new attention shape (37-57 ms each on an H200,
+    bench/probe_attention_plans.py): full prefill chunks, whose shapes recur, use it; a document's last partial
+    chunk and a follow-up question go through FlashAttention-2, and the logits agree with an all-FlashAttention
+    prefill."""
+    monkeypatch.setenv("AHN_ATTENTION", "cudnn")
+    monkeypatch.setenv("AHN_PREFILL_GRAPH", "0")  # every chunk through Python, so every call is seen
+    rows = []
+    real = A._cudnn
+    monkeypatch.setattr(A, "_cudnn", lambda q, k, v, scale, causal: rows.append(q.shape[1]) or
+                        real(q, k, v, scale, causal))
+    m = _hd128_model(tmp_path, window=512, sinks=4)
+    C = m.config.chunk_size
+    ids = random_ids(6 * C + 50, vocab=512, seed=11).cuda()
+    st = m.new_state("ahn")
+    got = m.prefill(st, ids[:6 * C + 40])
+    assert rows and min(rows) >= C - 1, rows  # full chunks only (the reversed edge block has C - 1 queries)
+    rows.clear()
+    got_q = m.prefill(st, ids[6 * C + 40:])  # a 10-token question
+    assert rows == []
+    monkeypatch.setenv("AHN_ATTENTION", "flash")
+    ref = m.new_state("ahn")
+    want = m.prefill(ref, ids[:6 * C + 40])
+    want_q = m.prefill(ref, ids[6 * C + 40:])
+    for a, b in ((got, want), (got_q, want_q)):
+        assert rel(a, b) < 3e-2 and (a.argmax(-1) == b.argmax(-1)).all()

@@ -115,20 +115,24 @@ def _probe(device, dtype) -> str:
         return "flash"
 
 
-def _sdpa_lse(q, k, v, scale, mask=None, causal=False):
+def _sdpa_lse(q, k, v, scale, mask=None, causal=False, recurring=False):
     """Fused attention with log-sum-exp. q [H, T, D], k/v [Hkv, N, D] (Hkv divides H: query head h uses KV head
     h // (H / Hkv)); mask [T, N] bool or None; causal: query t sees keys <= t (aligned top-left for any lengths;
     the fused kernels only ever get square causal blocks, since they disagree on how to align unequal ones:
-    FlashAttention-2 aligns them bottom-right). Any strides."""
+    FlashAttention-2 aligns them bottom-right). Any strides.
+    recurring: the caller will issue this shape again (the layers of a full prefill chunk, whose positions recur
+    from document to document). Only then may cuDNN run it: cuDNN builds a plan for every new shape, 37-57 ms on
+    an H200 (bench/probe_attention_plans.py), which the few layers of a question or of a document's last partial
+    chunk never pay back; FlashAttention-2 has no plan."""
     H, T, D = q.shape
     Hkv, N = k.shape[0], k.shape[1]
     if causal and T < N:  # the keys past the last query are seen by none
         k, v = k[:, :T], v[:, :T]
     elif causal and T > N:  # the first N queries are a square causal block, the others see every key
-        o, lse = _sdpa_lse(q[:, :N], k, v, scale, causal=True)
-        o2, lse2 = _sdpa_lse(q[:, N:], k, v, scale)
+        o, lse = _sdpa_lse(q[:, :N], k, v, scale, causal=True, recurring=recurring)
+        o2, lse2 = _sdpa_lse(q[:, N:], k, v, scale, recurring=recurring)
         return torch.cat([o, o2.to(o.dtype)], 1), torch.cat([lse, lse2], 1)
-    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None and D <= 256
+    if (recurring and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None and D <= 256
             and cuda_backend(q.device, q.dtype) == "cudnn"):
         return _cudnn(q, k, v, scale, causal)
     G = H // Hkv
@@ -215,25 +219,26 @@ def _ranges(a: int, b: int, window: float, sinks: int, p0: int, p1: int):
     return full, partial
 
 
-def _edge(q, k, v, scale):
+def _edge(q, k, v, scale, recurring=False):
     """Keys leaving the window during the chunk: key j (of n, oldest first) is visible to query i iff
     i < j + T - n. Reversing queries and keys turns this into an ordinary causal block: reversed query row
     r = T-2-i (the last query sees none of these keys and is dropped) sees reversed key j' = n-1-j iff j' <= r
     (n = T - 1 in a steady chunk; fewer in the chunk where the window fills).
     q [T, H, D], k/v [n, Hkv, D]. Returns the part in reversed form (`merge.merge_parts`: row r is query T-2-r)."""
     o, lse = _sdpa_lse(q.flip(0)[1:].transpose(0, 1), k.flip(0).transpose(0, 1), v.flip(0).transpose(0, 1), scale,
-                       causal=True)
+                       causal=True, recurring=recurring)
     return o, lse, True
 
 
 def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], window: float, sinks: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, recurring: bool = False) -> torch.Tensor:
     """Queries at positions qstart..qstart+T-1 over key blocks. Returns [T, H, D] in q's dtype.
 
     Fully visible key ranges go through an unmasked fused kernel; the chunk's own keys use a causal kernel when
     the window is at least as long as the chunk; the keys leaving the window during the chunk use a causal kernel
     on reversed queries and keys (`_edge`); anything else goes through one small masked call. Results are merged
-    by log-sum-exp. Grouped-query heads are never repeated for the fused kernels (`_sdpa_lse`)."""
+    by log-sum-exp. Grouped-query heads are never repeated for the fused kernels (`_sdpa_lse`). recurring: these
+    shapes come again (a full prefill chunk), so cuDNN may plan them (`_sdpa_lse`)."""
     T, H, D = q.shape
     a, b = qstart, qstart + T
     qh = q.transpose(0, 1)  # [H, T, D] view
@@ -244,16 +249,18 @@ def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], windo
             continue
         # the chunk itself: causal when every in-chunk key within reach is inside the window
         if blk.start == a and blk.end == b and T <= window:
-            parts.append((*_sdpa_lse(qh, blk.k.transpose(0, 1), blk.v.transpose(0, 1), scale, causal=True), False))
+            parts.append((*_sdpa_lse(qh, blk.k.transpose(0, 1), blk.v.transpose(0, 1), scale, causal=True,
+                                      recurring=recurring), False))
             continue
         full, partial = _ranges(a, b, window, sinks, blk.start, blk.end)
         for x, y in full:
             kk = blk.k[x - blk.start:y - blk.start].transpose(0, 1)
             vv = blk.v[x - blk.start:y - blk.start].transpose(0, 1)
-            parts.append((*_sdpa_lse(qh, kk, vv, scale), False))
+            parts.append((*_sdpa_lse(qh, kk, vv, scale, recurring=recurring), False))
         for x, y in partial:
             if T <= window and x >= sinks and y == b - window and blk.start <= x:
-                parts.append(_edge(q, blk.k[x - blk.start:y - blk.start], blk.v[x - blk.start:y - blk.start], scale))
+                parts.append(_edge(q, blk.k[x - blk.start:y - blk.start], blk.v[x - blk.start:y - blk.start], scale,
+                                   recurring))
                 continue
             masked_k.append(blk.k[x - blk.start:y - blk.start])
             masked_v.append(blk.v[x - blk.start:y - blk.start])
