@@ -230,3 +230,24 @@ def test_forward_with_given_positions_is_the_same_chunk():
     # sinks + window = 36 tokens: chunks starting at 48, 64, ..., 128 are steady; the last one (6 tokens) is not
     assert steady == [s >= 36 and s + 16 <= 150 for s in range(0, 150, 16)], steady
     assert not ChunkGraph.enabled(m)  # CPU: prefill runs eagerly
+
+
+def test_only_full_prefill_chunks_are_marked_recurring(monkeypatch):
+    """The prefill marks the attention of full chunks as recurring (cuDNN may plan those shapes on CUDA) and that
+    of a partial chunk or a question as not (FlashAttention-2 there: test_runtime_gpu.py checks the kernels)."""
+    from ahn_runtime.kernels import attention as A
+    calls = []
+    real = A._sdpa_lse
+
+    def spy(q, *args, recurring=False, **kw):
+        calls.append((q.shape[1], recurring))
+        return real(q, *args, recurring=recurring, **kw)
+    monkeypatch.setattr(A, "_sdpa_lse", spy)
+    m = gdn(window=32, sinks=4, chunk_size=16)
+    ids = random_ids(90, seed=6)
+    st = m.new_state("ahn")
+    m.prefill(st, ids[:80])  # 5 full chunks
+    assert calls and all(r for _, r in calls)
+    calls.clear()
+    m.prefill(st, ids[80:])  # 10 tokens: a partial chunk or a question
+    assert calls and not any(r for _, r in calls)
