@@ -33,6 +33,10 @@ from suite import CONFIGS, build, lengths  # noqa: E402
 from ahn_runtime import AHNModel, RuntimeConfig  # noqa: E402
 
 
+# geometry defaults: the 3B/7B presets for the random-weight configs, the smollm2 preset for real small models
+DEFAULTS = {"config": dict(window=32640, sinks=128, chunk=6144), "real": dict(window=1984, sinks=64, chunk=512)}
+
+
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -58,9 +62,9 @@ def main():
                                                           "models/smollm2-135m-ahn) or BASE[+AHN_DIR]")
     ap.add_argument("--quant", default="nf4")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--window", type=int, default=None, help="default: 32640 (GPU configs) / 1984 (smollm2)")
-    ap.add_argument("--sinks", type=int, default=None, help="default: 128 / 64")
-    ap.add_argument("--chunk", type=int, default=None, help="default: 6144 / 512")
+    ap.add_argument("--window", type=int, help="W (default: DEFAULTS by --model)")
+    ap.add_argument("--sinks", type=int, help="S (default: DEFAULTS by --model)")
+    ap.add_argument("--chunk", type=int, help="prefill chunk (default: DEFAULTS by --model)")
     ap.add_argument("--doc", default="32k", help="document tokens")
     ap.add_argument("--questions", default="17,43,88,131,260", help="question lengths in tokens")
     ap.add_argument("--all-cudnn", action="store_true",
@@ -68,10 +72,9 @@ def main():
                          "faster backend), as before commit 8f32865")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/question_ttft.json when $OUT is set)")
     a = ap.parse_args()
-    small = a.model not in CONFIGS
-    a.window = a.window or (1984 if small else 32640)
-    a.sinks = a.sinks if a.sinks is not None else (64 if small else 128)
-    a.chunk = a.chunk or (512 if small else 6144)
+    for k, v in DEFAULTS["config" if a.model in CONFIGS else "real"].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if a.all_cudnn:
         plain = AHNModel.forward
 
