@@ -8,6 +8,7 @@ MLP, rotary embedding, lm_head); attention, caches and memory are ours. One sequ
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -162,8 +163,9 @@ class AHNModel:
                 positions: torch.Tensor | None = None, recurring: bool = False):
         """Process ids [T] at positions state.pos.. ; returns logits [1 or T, V] float32 (or None).
         positions: those positions as a device tensor [T] (the prefill's CUDA graph keeps them in a static
-        buffer); by default made here. recurring: a full prefill chunk, whose attention shapes come again (see
-        `kernels.attention._sdpa_lse`: only those are worth cuDNN's per-shape plans)."""
+        buffer); by default made here. recurring: a full chunk of a windowed mode (`_shapes_recur`), whose
+        attention shapes come again (see `kernels.attention._sdpa_lse`: only those are worth cuDNN's per-shape
+        plans)."""
         T = int(ids.shape[0])
         if T == 0:
             return None
@@ -335,6 +337,15 @@ class AHNModel:
         torch.cuda.synchronize(self.device)
         return True
 
+    @staticmethod
+    def _shapes_recur(state: SequenceState, T: int, C: int) -> bool:
+        """Whether the attention shapes of a prefill chunk of T tokens come back: a full chunk of a windowed mode.
+        Once the window is full every chunk sees S + W + C keys, and each of the few chunks that fill it sees the
+        same keys in every document (k * C). Under full attention every chunk sees more keys than the one before,
+        as many shapes as a document has chunks: not worth cuDNN's per-shape plans (`kernels.attention._sdpa_lse`;
+        on an H200 they made a 128k-token prefill of SmolLM2 in 512-token chunks take 25 s)."""
+        return T == C and math.isfinite(state.window)
+
     # ---- convenience --------------------------------------------------------------------------------------
     def prefill(self, state: SequenceState, ids: torch.Tensor, chunk_size: int | None = None, logits: str = "last",
                 progress=None, max_new_tokens: int = 0, check_memory: bool = True):
@@ -369,7 +380,8 @@ class AHNModel:
                 else:
                     if graph is not None:
                         graph.close()
-                    out = self.forward(state, chunk, logits=which, recurring=chunk.shape[0] == C)
+                    out = self.forward(state, chunk, logits=which,
+                                       recurring=self._shapes_recur(state, chunk.shape[0], C))
                     if out is not None:
                         outs.append(out)
                 if progress is not None:

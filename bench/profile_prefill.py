@@ -70,7 +70,7 @@ def find_syncs(m, st, ids):
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            m.forward(st, ids, logits="none", recurring=True)
+            m.forward(st, ids, logits="none", recurring=m._shapes_recur(st, len(ids), len(ids)))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     print(f"--- host syncs in one eager chunk: {sum(sites.values())} at {len(sites)} call sites")
@@ -143,15 +143,16 @@ def main():
             continue
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
-        m.forward(st, ids[:C], logits="none", recurring=True)  # the state is past the window: a steady-state chunk
+        # the state is past the window: a steady-state chunk (under full attention, one more chunk)
+        m.forward(st, ids[:C], logits="none", recurring=m._shapes_recur(st, C, C))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            m.forward(st, ids[:C], logits="none", recurring=True)
+            m.forward(st, ids[:C], logits="none", recurring=m._shapes_recur(st, C, C))
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         t0 = time.perf_counter()
-        m.forward(st, ids[:C], logits="none", recurring=True)
+        m.forward(st, ids[:C], logits="none", recurring=m._shapes_recur(st, C, C))
         cpu = time.perf_counter() - t0  # Python + launch time (the GPU may still be running)
         torch.cuda.synchronize()
         print(f"one chunk unprofiled: {(time.perf_counter() - t0) * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms until the "

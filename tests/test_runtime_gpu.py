@@ -290,11 +290,11 @@ def test_warm_up_runs_the_memory_kernels_and_changes_nothing(tmp_path):
     assert m.with_config(m.config).warm_up() is True
 
 
-def test_cudnn_runs_only_the_shapes_of_full_prefill_chunks(tmp_path, monkeypatch):
+def test_cudnn_runs_only_the_shapes_of_full_windowed_prefill_chunks(tmp_path, monkeypatch):
     """cuDNN builds a plan for every new attention shape (37-57 ms each on an H200,
-    bench/probe_attention_plans.py): full prefill chunks, whose shapes recur, use it; a document's last partial
-    chunk and a follow-up question go through FlashAttention-2, and the logits agree with an all-FlashAttention
-    prefill."""
+    bench/probe_attention_plans.py): the full chunks of a windowed mode, whose shapes recur, use it; full
+    attention (a new number of keys with every chunk), a document's last partial chunk and a follow-up question
+    go through FlashAttention-2, and the logits agree with an all-FlashAttention prefill."""
     monkeypatch.setenv("AHN_ATTENTION", "cudnn")
     monkeypatch.setenv("AHN_PREFILL_GRAPH", "0")  # every chunk through Python, so every call is seen
     rows = []  # query rows of each cuDNN call
@@ -311,6 +311,9 @@ def test_cudnn_runs_only_the_shapes_of_full_prefill_chunks(tmp_path, monkeypatch
         rows.clear()
         got.append(m.prefill(st, part))
         assert (len(rows) > 0) == (i == 0), (i, rows)
+    rows.clear()
+    m.prefill(m.new_state("full"), ids[:6 * C])
+    assert rows == []
     monkeypatch.setenv("AHN_ATTENTION", "flash")
     ref = m.new_state("ahn")
     for a, part in zip(got, parts):

@@ -232,22 +232,29 @@ def test_forward_with_given_positions_is_the_same_chunk():
     assert not ChunkGraph.enabled(m)  # CPU: prefill runs eagerly
 
 
-def test_only_full_prefill_chunks_are_marked_recurring(monkeypatch):
-    """The prefill marks the attention of full chunks as recurring (cuDNN may plan those shapes on CUDA) and that
-    of a partial chunk or a question as not (FlashAttention-2 there: test_runtime_gpu.py checks the kernels)."""
+def test_only_full_chunks_of_windowed_modes_are_marked_recurring(monkeypatch):
+    """The prefill marks the attention of a chunk as recurring (cuDNN may plan those shapes on CUDA) only when
+    its shapes come back: a full chunk of a windowed mode (the chunks that fill the window see k * C keys in every
+    document, the later ones S + W + C). Full attention (more keys with every chunk: as many shapes as chunks), a
+    partial chunk and a question are not (FlashAttention-2 there: test_runtime_gpu.py checks the kernels)."""
     from ahn_runtime.kernels import attention as A
     calls = []
     real = A._sdpa_lse
 
     def spy(q, *args, recurring=False, **kw):
-        calls.append((q.shape[1], recurring))
+        calls.append(recurring)
         return real(q, *args, recurring=recurring, **kw)
     monkeypatch.setattr(A, "_sdpa_lse", spy)
     m = gdn(window=32, sinks=4, chunk_size=16)
     ids = random_ids(90, seed=6)
-    st = m.new_state("ahn")
-    m.prefill(st, ids[:80])  # 5 full chunks
-    assert calls and all(r for _, r in calls)
+    for mode in ("ahn", "window"):
+        calls.clear()
+        st = m.new_state(mode)
+        m.prefill(st, ids[:80])  # 5 full chunks: 3 fill the sinks and the window, 2 steady
+        assert calls and all(calls), mode
+        calls.clear()
+        m.prefill(st, ids[80:])  # 10 tokens: a partial chunk or a question
+        assert calls and not any(calls), mode
     calls.clear()
-    m.prefill(st, ids[80:])  # 10 tokens: a partial chunk or a question
-    assert calls and not any(r for _, r in calls)
+    m.prefill(m.new_state("full"), ids[:80])  # full attention: every chunk sees more keys than the one before
+    assert calls and not any(calls)

@@ -120,10 +120,11 @@ def _sdpa_lse(q, k, v, scale, mask=None, causal=False, recurring=False):
     h // (H / Hkv)); mask [T, N] bool or None; causal: query t sees keys <= t (aligned top-left for any lengths;
     the fused kernels only ever get square causal blocks, since they disagree on how to align unequal ones:
     FlashAttention-2 aligns them bottom-right). Any strides.
-    recurring: the caller will issue this shape again (the layers of a full prefill chunk, whose positions recur
-    from document to document). Only then may cuDNN run it: cuDNN builds a plan for every new shape, 37-57 ms on
-    an H200 (bench/probe_attention_plans.py), which the few layers of a question or of a document's last partial
-    chunk never pay back; FlashAttention-2 has no plan."""
+    recurring: the caller will issue this shape again (the layers of a full prefill chunk of a windowed mode,
+    whose keys are the same in every document: `AHNModel._shapes_recur`). Only then may cuDNN run it: cuDNN
+    builds a plan for every new shape, 37-57 ms on an H200 (bench/probe_attention_plans.py), which the layers of
+    a question, of a document's last partial chunk or of full attention (more keys with every chunk) never pay
+    back; FlashAttention-2 has no plan."""
     H, T, D = q.shape
     Hkv, N = k.shape[0], k.shape[1]
     if causal and T < N:  # the keys past the last query are seen by none
@@ -238,7 +239,7 @@ def window_attention(q: torch.Tensor, qstart: int, blocks: list[KeyBlock], windo
     the window is at least as long as the chunk; the keys leaving the window during the chunk use a causal kernel
     on reversed queries and keys (`_edge`); anything else goes through one small masked call. Results are merged
     by log-sum-exp. Grouped-query heads are never repeated for the fused kernels (`_sdpa_lse`). recurring: these
-    shapes come again (a full prefill chunk), so cuDNN may plan them (`_sdpa_lse`)."""
+    shapes come again (a full chunk of a windowed mode), so cuDNN may plan them (`_sdpa_lse`)."""
     T, H, D = q.shape
     a, b = qstart, qstart + T
     qh = q.transpose(0, 1)  # [H, T, D] view
