@@ -99,6 +99,10 @@ def test_choose_defaults_and_flags(tmp_path):
     assert c.ahn == "ByteDance-Seed/AHN-GDN-for-Qwen-2.5-Instruct-3B" and (c.window, c.sinks) == (32640, 128)
     c = choose(cuda=True, hub=False)
     assert c.preset == "smollm2-135m-ahn" and any("not reachable" in n for n in c.notes)
+    # a small model's prefill chunk: 512 tokens on a CPU, the whole window (1984) on a GPU; a flag wins on both
+    assert (c.chunk_size, choose(cuda=False).chunk_size) == (1984, 512)
+    assert choose(cuda=True, hub=False, chunk_size=256).chunk_size == 256
+    assert choose(preset="qwen2.5-3b-ahn-gdn", cuda=True).chunk_size == 6144
     c = choose(preset="qwen2.5-7b-ahn-mamba2", window=1024, sinks=16, cuda=False)
     assert (c.window, c.sinks, c.device) == (1024, 16, "cpu") and any("CUDA" in n for n in c.notes)
     with pytest.raises(ServiceError, match="needs a CUDA GPU"):

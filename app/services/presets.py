@@ -28,6 +28,10 @@ class Preset:
     chunk_size: int
     quantization: str = "none"
     device: str = "any"  # "any" | "cuda"
+    # the prefill chunk on a CUDA GPU, when it differs: a small model's chunk of 512 tokens (right for a CPU)
+    # leaves a GPU waiting on kernel launches (H200, SmolLM2's shape, 128k tokens: 1.80 s in chunks of 512,
+    # 1.10 s in chunks of 1984; docs/benchmarks.md)
+    chunk_size_cuda: int | None = None
 
     @property
     def pypi(self) -> dict | None:
@@ -179,6 +183,8 @@ def choose(*, preset: str | None = None, base: str | None = None, ahn: str | Non
 
     default_w, default_s, default_c = ((p.window, p.sinks, p.chunk_size) if p is not None else
                                        (RUNTIME_DEFAULT_WINDOW, RUNTIME_DEFAULT_SINKS, RUNTIME_DEFAULT_CHUNK))
+    if p is not None and p.chunk_size_cuda and device.startswith("cuda"):
+        default_c = p.chunk_size_cuda
     window = default_w if window is None else window
     sinks = default_s if sinks is None else sinks
     chunk_size = default_c if chunk_size is None else chunk_size
