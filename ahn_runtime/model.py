@@ -318,12 +318,15 @@ class AHNModel:
     # ---- first use ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def warm_up(self) -> bool:
-        """Compile what the first long document would otherwise wait for: fla's memory kernels (Triton
-        compilation and autotuning) and the prefill's torch.compile'd pieces (`pieces.py`). On a fresh machine
-        that costs tens of seconds once (measured: the first 45k-token prefill of a 3B model took 42.6 s, the
-        next 1.4 s); afterwards the caches on disk make it a few seconds. It runs a real prefill of random
-        tokens through a copy of this model with a window of one chunk (3 chunks: the window fills, then tokens
-        leave it and are written to memory, at the configured chunk length) and drops the state.
+        """Compile what the first document and the first answer would otherwise wait for: fla's memory kernels
+        (Triton compilation and autotuning), the prefill's torch.compile'd pieces (`pieces.py`) and the decode
+        step's (`decode.py`). On a fresh machine that costs tens of seconds once (measured: the first 45k-token
+        prefill of a 3B model took 42.6 s, the next 1.4 s); afterwards the caches on disk make it a few seconds.
+        It runs, through a copy of this model with a window of one chunk, a real prefill of random tokens (3
+        chunks: the window fills, then tokens leave it and are written to memory, at the configured chunk
+        length), then a short question (at most 64 tokens reach the memory: fla's fused-recurrent kernels, which
+        the first follow-up question on an H200 otherwise waited 1.4-4.1 s for) and three decode steps (the
+        first answer's second token otherwise waited 1.7-6.1 s for the step's compilation), and drops the state.
         Returns whether anything ran (only on CUDA)."""
         from dataclasses import replace
         if self.device.type != "cuda":
@@ -334,6 +337,11 @@ class AHNModel:
         ids = torch.randint(0, self.vocab_size, (small.config.sinks + 3 * C,), generator=g, device=self.device)
         state = small.new_state("ahn" if self.memories is not None else "window")
         small.prefill(state, ids, logits="none")
+        question = torch.randint(0, self.vocab_size, (23,), generator=g, device=self.device)
+        tok = int(small.prefill(state, question, max_new_tokens=4)[-1].argmax())
+        step = small.decoder(state, 4)
+        for _ in range(3):
+            tok = int(step(tok).argmax())
         torch.cuda.synchronize(self.device)
         return True
 

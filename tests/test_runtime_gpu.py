@@ -279,11 +279,13 @@ def test_requests_of_new_lengths_leave_no_device_memory_behind(tmp_path, attenti
 
 
 def test_warm_up_runs_the_memory_kernels_and_changes_nothing(tmp_path):
+    from ahn_runtime import decode
     m = _hd128_model(tmp_path)
     ids = random_ids(300, vocab=512, seed=9).cuda()
     a = m.new_state("ahn")
     m.prefill(a, ids)
     assert m.warm_up() is True
+    assert decode._COMPILED.get("fns") or decode._COMPILED.get("failed")  # the decode step's pieces were made
     b = m.new_state("ahn")
     m.prefill(b, ids)
     assert torch.equal(a.memory, b.memory) and a.compressed > 0
