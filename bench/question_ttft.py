@@ -4,13 +4,16 @@ A chat about a document prefills the document once, then every question is appen
 first token is the prefill of the question's tokens (the first answer token comes from its last logits), and the
 second token waits for the decoder (on CUDA, the answer's CUDA graph). Every question has a new length, so
 kernels that plan per shape (cuDNN attention) pay their plan on every question; the runtime keeps those to full
-prefill chunks (`forward(recurring=)`), and --all-cudnn restores the earlier behaviour for an A/B.
+prefill chunks (`forward(recurring=)`), and --policies default,all-cudnn A/Bs that against cuDNN for every block
+in one process (alternating which goes first from one question length to the next).
 
-For each question length, twice (a new shape, then the same shape again), from a copy of the document's state:
-prints and writes JSON with the question prefill (TTFT) and the time to the second token.
+For each question length and policy, twice (a new shape, then the same shape again), from a copy of the
+document's state: prints and writes JSON with the question prefill (TTFT; launch_ms is when `prefill` returned to
+Python, before the GPU finished: near ttft_ms means the CPU bound it), the decoder's setup and first step
+(on CUDA the answer's CUDA graph is captured there) and the second token's step.
 
     python bench/question_ttft.py                                  # CUDA: random 3B nf4, 32k-token document
-    python bench/question_ttft.py --all-cudnn                      # the same with cuDNN for every block
+    python bench/question_ttft.py --policies default,all-cudnn     # A/B against cuDNN for every block
     python bench/question_ttft.py --device cpu --model smollm2 --doc 8k   # CPU: SmolLM2 + our AHN weights
 """
 from __future__ import annotations
@@ -67,21 +70,25 @@ def main():
     ap.add_argument("--chunk", type=int, help="prefill chunk (default: DEFAULTS by --model)")
     ap.add_argument("--doc", default="32k", help="document tokens")
     ap.add_argument("--questions", default="17,43,88,131,260", help="question lengths in tokens")
-    ap.add_argument("--all-cudnn", action="store_true",
-                    help="mark every prefill call as recurring (cuDNN for every attention block where it is the "
-                         "faster backend), as before commit 8f32865")
+    ap.add_argument("--policies", default="default",
+                    help="comma list of 'default' and 'all-cudnn' (every prefill call marked recurring: cuDNN for "
+                         "every attention block where it is the faster backend, as before commit 8f32865)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/question_ttft.json when $OUT is set)")
     a = ap.parse_args()
     for k, v in DEFAULTS["config" if a.model in CONFIGS else "real"].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    if a.all_cudnn:
-        plain = AHNModel.forward
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    if set(policies) - {"default", "all-cudnn"}:
+        ap.error(f"unknown policy in {a.policies!r}")
+    force = [False]  # all-cudnn while True
+    plain = AHNModel.forward
 
-        def forward(self, *args, **kw):
+    def forward(self, *args, **kw):
+        if force[0]:
             kw["recurring"] = True
-            return plain(self, *args, **kw)
-        AHNModel.forward = forward
+        return plain(self, *args, **kw)
+    AHNModel.forward = forward
     model = load(a)
     dev = model.device
     if dev.type == "cuda":
@@ -96,29 +103,39 @@ def main():
     doc_s = time.perf_counter() - t0
     print(f"document {doc.numel():,} tokens: {doc_s:.2f} s", flush=True)
     rows = []
-    for n in lengths(a.questions):
+
+    def ms(t):
+        return round(t * 1e3, 2)
+
+    for i, n in enumerate(lengths(a.questions)):
         q = torch.randint(0, model.vocab_size, (n,), generator=g)
-        for attempt in ("new shape", "same shape"):
-            st = state.clone()
-            sync(dev)
-            t0 = time.perf_counter()
-            logits = model.prefill(st, q, max_new_tokens=32)
-            tok = int(logits[-1].argmax())
-            t1 = time.perf_counter()
-            dec = model.decoder(st, 32)
-            tok = int(dec(tok).argmax())
-            sync(dev)
-            t2 = time.perf_counter()
-            row = {"question_tokens": n, "attempt": attempt, "ttft_ms": round((t1 - t0) * 1e3, 2),
-                   "second_token_ms": round((t2 - t1) * 1e3, 2)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del st, dec
+        for policy in (policies if i % 2 == 0 else policies[::-1]):
+            force[0] = policy == "all-cudnn"
+            for attempt in ("new shape", "same shape"):
+                st = state.clone()
+                sync(dev)
+                t0 = time.perf_counter()
+                logits = model.prefill(st, q, max_new_tokens=32)
+                tl = time.perf_counter()
+                tok = int(logits[-1].argmax())
+                t1 = time.perf_counter()
+                dec = model.decoder(st, 32)
+                tok = int(dec(tok).argmax())  # on CUDA: captures the decode graph, then replays it
+                t2 = time.perf_counter()
+                tok = int(dec(tok).argmax())
+                t3 = time.perf_counter()
+                row = {"question_tokens": n, "policy": policy, "attempt": attempt, "ttft_ms": ms(t1 - t0),
+                       "launch_ms": ms(tl - t0), "decoder_setup_and_first_step_ms": ms(t2 - t1),
+                       "step_ms": ms(t3 - t2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del st, dec
+    force[0] = False
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(dev)
             if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
             "python": platform.python_version(), "model": getattr(model, "model_id", a.model), "quant": a.quant,
             "window": a.window, "sinks": a.sinks, "chunk": a.chunk, "document_tokens": doc.numel(),
-            "document_prefill_s": round(doc_s, 3), "all_cudnn": a.all_cudnn, "command": " ".join(["python"] + sys.argv)}
+            "document_prefill_s": round(doc_s, 3), "policies": policies, "command": " ".join(["python"] + sys.argv)}
     out = a.out or (os.path.join(os.environ["OUT"], "question_ttft.json") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:

@@ -39,6 +39,9 @@ CONFIGS = {
                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    # SmolLM2-135M's shape (random weights: the kernel-count / launch-overhead regime of the real small models)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=True),
 }
@@ -166,6 +169,13 @@ def lengths(s: str) -> list[int]:
     return out
 
 
+def label(name: str) -> str:
+    """A config name, or 'BASE[+AHN_DIR]' shortened to the file / directory names (tables and plots)."""
+    if name in CONFIGS:
+        return name
+    return "+".join(os.path.basename(os.path.normpath(p)) for p in name.split("+"))
+
+
 def load_real(spec: str, quant: str, cfg: RuntimeConfig) -> AHNModel:
     """A real model: 'BASE[+AHN_DIR]' (HF id or directory, or .gguf file; AHN-only checkpoint directory)."""
     from ahn_runtime import load_model
@@ -195,7 +205,7 @@ def run_model(a, name, quant, results, meta):
         plan = []
     for impl, mode, L in plan:
         r = ours(model, mode, L, a.steps) if impl == "ours" else baseline(model, L, a.steps)
-        r |= {"model": name, "quant": quant}
+        r |= {"model": label(name), "quant": quant} | ({} if name in CONFIGS else {"spec": name})
         results.append(r)
         print(json.dumps(r), flush=True)
         save(a, meta, results)
