@@ -326,7 +326,7 @@ class AHNModel:
         chunks: the window fills, then tokens leave it and are written to memory, at the configured chunk
         length), then a short question (at most 64 tokens reach the memory: fla's fused-recurrent kernels, which
         the first follow-up question on an H200 otherwise waited 1.4-4.1 s for) and three decode steps (the
-        first answer's second token otherwise waited 1.7-6.1 s for the step's compilation), and drops the state.
+        first answer's second token otherwise waited 1.7-7.1 s for the step's compilation), and drops the state.
         Returns whether anything ran (only on CUDA)."""
         from dataclasses import replace
         if self.device.type != "cuda":
