@@ -3,6 +3,10 @@ measured in the same run, on random weights of the real Qwen2.5 shapes (4-bit nf
 8 GiB card. A script, not a test.
 
     python bench/suite.py --out docs/bench            # the default plan (3B and 7B), JSON + markdown
+    python bench/suite.py --models qwen2.5-3b,qwen2.5-7b,$M/SmolLM2-135M-Instruct.Q4_1.gguf+models/smollm2-135m-ahn,\
+$M/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf+models/qwen2.5-coder-0.5b-ahn   # and the real small models
+        # ($M: where ../shared/tools/fetch-test-models put them); each model runs with its own window, sinks,
+        # chunk and precision (`geometry`: the 3B presets' for the configs, the matching preset's for real models)
     python bench/suite.py --plot docs/bench/suite_2026-11-28.json --img docs/img   # plots from a JSON (matplotlib)
 
 For each (model, mode, context length): time to first token (prefill of the whole context + the first token's
@@ -186,6 +190,34 @@ def load_real(spec: str, quant: str, cfg: RuntimeConfig) -> AHNModel:
     return model
 
 
+CONFIG_GEOMETRY = dict(window=32640, sinks=128, chunk=6144, quant="nf4")  # the 3B presets' (7B: see --sim-*)
+
+
+def geometry(name: str, a) -> argparse.Namespace:
+    """Window, sinks, chunk and quantization for one model: the flags where given, else for a random-weight config
+    the 3B presets' (nf4), and for a real model 'BASE+AHN_DIR' those of the preset with that AHN directory
+    (models/presets.json: its GPU chunk, its quantization on CUDA), so that one command can run the 3B/7B configs
+    and the real small models, each with the geometry its AHN weights were trained for."""
+    g = dict(CONFIG_GEOMETRY)
+    if name not in CONFIGS:
+        _, _, ahn = name.partition("+")
+        with open(os.path.join(os.path.dirname(HERE), "models", "presets.json")) as f:
+            presets = json.load(f)["presets"].values()
+        want = os.path.normpath(os.path.abspath(ahn)) if ahn else None
+        match = [p for p in presets if want and isinstance(p.get("ahn"), str)
+                 and os.path.normpath(os.path.join(os.path.dirname(HERE), p["ahn"])) == want]
+        if match:
+            p = match[0]
+            g = dict(window=p["window"], sinks=p["sinks"], chunk=p.get("chunk_size_cuda") or p["chunk_size"],
+                     quant=p.get("quantization", "none"))
+        elif None in (a.window, a.sinks):
+            sys.exit(f"no preset has the AHN weights of {name!r}: give --window and --sinks")
+    for k in ("window", "sinks", "chunk", "quant"):
+        if getattr(a, k) is not None:
+            g[k] = getattr(a, k)
+    return argparse.Namespace(**(vars(a) | g))
+
+
 def run_model(a, name, quant, results, meta):
     cfg = RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=a.chunk)
     t0 = time.perf_counter()
@@ -205,7 +237,8 @@ def run_model(a, name, quant, results, meta):
         plan = []
     for impl, mode, L in plan:
         r = ours(model, mode, L, a.steps) if impl == "ours" else baseline(model, L, a.steps)
-        r |= {"model": label(name), "quant": quant} | ({} if name in CONFIGS else {"spec": name})
+        r |= {"model": label(name), "quant": quant, "window": a.window, "sinks": a.sinks, "chunk": a.chunk}
+        r |= {} if name in CONFIGS else {"spec": name}
         results.append(r)
         print(json.dumps(r), flush=True)
         save(a, meta, results)
@@ -292,15 +325,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen2.5-3b,qwen2.5-7b",
                     help="config names (random weights: " + ", ".join(CONFIGS) + ") or real models as BASE[+AHN_DIR], "
-                    "e.g. SmolLM2-135M-Instruct.Q4_1.gguf+models/smollm2-135m-ahn (use --window/--sinks to match)")
-    ap.add_argument("--quant", default="nf4", help="none | nf4 | fp4 | int8 (bitsandbytes)")
+                    "e.g. SmolLM2-135M-Instruct.Q4_1.gguf+models/smollm2-135m-ahn (window, sinks, chunk and "
+                    "quantization then come from the preset with that AHN directory)")
+    ap.add_argument("--quant", default=None, help="none | nf4 | fp4 | int8 (bitsandbytes), or a comma list; default: "
+                    "nf4 for the configs, the preset's for real models")
     ap.add_argument("--ahn-lengths", default="8k,32k,128k,512k,1m")
     ap.add_argument("--full-lengths", default="8k,32k,128k")
     ap.add_argument("--hf-lengths", default="8k,32k,128k")
     ap.add_argument("--lengths-7b", default="32k,128k", help="lengths measured for the 7B model")
-    ap.add_argument("--window", type=int, default=32640)
-    ap.add_argument("--sinks", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=6144, help="prefill chunk (the 3B presets'; 4096 in the first runs)")
+    ap.add_argument("--window", type=int, default=None, help="default: 32640 for the configs, the preset's for "
+                    "real models")
+    ap.add_argument("--sinks", type=int, default=None, help="default: 128, or the preset's")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk; default: 6144 (the 3B presets'; 4096 in "
+                    "the first runs), or the preset's GPU chunk")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed")
     ap.add_argument("--sim-gib", type=float, default=7.5, help="simulated card: memory the process may use "
                     "(an 8 GiB card less ~0.5 GiB of CUDA context); 0 = skip")
@@ -323,7 +360,7 @@ def main():
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / GiB, 1),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "window": a.window, "sinks": a.sinks, "chunk": a.chunk, "decode_steps": a.steps,
+            "window": a.window, "sinks": a.sinks, "chunk": a.chunk, "quant": a.quant, "decode_steps": a.steps,
             "command": " ".join(["python"] + sys.argv)}
     try:
         import bitsandbytes
@@ -333,8 +370,9 @@ def main():
     print(json.dumps(meta), flush=True)
     results = []
     for name in a.models.split(","):
-        for quant in a.quant.split(","):
-            run_model(a, name, quant, results, meta)
+        g = geometry(name, a)
+        for quant in g.quant.split(","):
+            run_model(g, name, quant, results, meta)
     print(table(results))
 
 
