@@ -27,6 +27,11 @@ argument, and its parameters are graph inputs, not constants); AHN_COMPILE=0 or 
 eager (and the attention the PyTorch reference); AHN_DECODE_ATTENTION=torch keeps the compiled reference attention.
 Decode with the official code's exclusion quirk (`official128`) is not supported here; `AHNModel.decoder` then
 returns the plain eager stepper.
+
+A model keeps its last few decoders, keyed by the state buffers they address (`StaticDecoder.for_state`): an
+answer whose state lands on a previous answer's buffers (in a chat, each answer's fresh copy of the document state
+usually gets the memory the previous copy freed) reuses that captured graph instead of capturing again. A kept
+decoder refers to its state weakly, so it never keeps an answer alive.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import functools
 import logging
 import os
 import threading
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -70,11 +76,11 @@ class StaticDecoder:
     def __init__(self, model, state: SequenceState, max_tokens: int, graph: bool | None = None):
         if model.config.decode_exclusion != "consistent" and state.spec.window is not None:
             raise ValueError("the static decoder implements the consistent decode semantics only")
-        self.model, self.state = model, state
+        self.model = model
+        _fit(state, max_tokens)
+        self._state = weakref.ref(state)  # not owned: a decoder kept for reuse must not keep its answer alive
         dev = model.device
-        cap = decode_capacity(state.spec, state.n_slots, max_tokens)
-        if state.capacity < cap or state.capacity % SPLIT:
-            state.resize(cap)
+        self.key = _buffers_key(state)
         self.cap = state.capacity
         self.scratch = self.cap - 1
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
@@ -90,8 +96,6 @@ class StaticDecoder:
         self.out = None
         self._eager_pieces()
         if state.spec.has_memory:  # every layer's write parameters stacked once ([L, H]; fixed for the answer)
-            if not state.memory.is_contiguous():  # written in place through a [L * H, K, V] view
-                state.memory = state.memory.contiguous()
             with torch.no_grad():
                 self._wparams = stack_write_params(model.memories)
                 self._proj = [mod.decode_proj() for mod in model.memories]  # [P, h] per layer: one GEMV
@@ -100,6 +104,44 @@ class StaticDecoder:
         if self.graphed and os.environ.get("AHN_COMPILE", "1") != "0":
             self._set_pieces(_compiled())
             self.compiled = True
+
+    @classmethod
+    def for_state(cls, model, state: SequenceState, max_tokens: int, graph: bool | None = None) -> "StaticDecoder":
+        """A decoder for `state`: one of the model's recent decoders whose CUDA graph was captured on these very
+        buffers (same addresses, shapes and strides: everything the graph addresses), rebound to `state`, or a
+        new one. In a chat every answer decodes into a fresh copy of the same document state, whose buffers have
+        the same sizes once the window is full; when the previous answer's copy has been freed, the allocator
+        usually hands them the same memory, and the answer skips the capture (on an H200, 170-256 ms before its
+        second token with a 3B model, bench/question_ttft.py)."""
+        _fit(state, max_tokens)
+        key = _buffers_key(state)
+        cache = model.decoders
+        with _DECODERS_LOCK:  # two chat sessions run in two threads
+            d = cache.pop(key, None)
+        want_graph = model.device.type == "cuda" if graph is None else graph
+        if d is not None and d.graphed == want_graph and (d.graph is not None or not d.graphed):
+            d._rebind(state)  # a captured step (or, without a graph, the same step run eagerly)
+        else:
+            d = cls(model, state, max_tokens, graph)
+        with _DECODERS_LOCK:
+            cache[key] = d  # most recent last
+            while len(cache) > _KEEP_DECODERS:
+                cache.pop(next(iter(cache)))
+        return d
+
+    @property
+    def state(self) -> SequenceState:
+        st = self._state()
+        if st is None:
+            raise RuntimeError("this decoder's state was freed")
+        return st
+
+    def _rebind(self, state: SequenceState):
+        """Decode into `state`, whose buffers are the ones the graph was captured on (`for_state`)."""
+        self._state = weakref.ref(state)
+        self._ptr = state.k.data_ptr()
+        self.bias.fill_(float("-inf"))
+        self.bias[:state.n_slots] = 0.0
 
     def _eager_pieces(self):
         self._set_pieces(_PIECES)
@@ -205,6 +247,26 @@ class StaticDecoder:
             st.rot = (st.rot + 1) % int(W)
         st.pos = t + 1
         return out
+
+
+_KEEP_DECODERS = 4  # captured decode steps kept per model (a chat, its compare pane, another session)
+_DECODERS_LOCK = threading.Lock()
+
+
+def _fit(state: SequenceState, max_tokens: int) -> None:
+    """Make the state's buffers what the static step needs: room for max_tokens more tokens (a multiple of SPLIT
+    slots) and a contiguous memory (written in place through a [L * H, K, V] view)."""
+    cap = decode_capacity(state.spec, state.n_slots, max_tokens)
+    if state.capacity < cap or state.capacity % SPLIT:
+        state.resize(cap)
+    if state.spec.has_memory and not state.memory.is_contiguous():
+        state.memory = state.memory.contiguous()
+
+
+def _buffers_key(state: SequenceState) -> tuple:
+    """What a captured step addresses in a state: its buffers' addresses, shapes and strides (and the spec)."""
+    ts = [state.k, state.v, *state.gates.values()] + ([] if state.memory is None else [state.memory])
+    return (state.spec,) + tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in ts)
 
 
 def decode_capacity(spec, n_slots: int, max_tokens: int) -> int:

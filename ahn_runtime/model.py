@@ -75,6 +75,7 @@ class AHNModel:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.ahn_info = ahn_info or {}
+        self.decoders: dict = {}  # captured decode steps by the state buffers they address (decode.py)
         c = hf_model.config
         self.family = c.model_type
         self.n_layers = c.num_hidden_layers
@@ -312,7 +313,7 @@ class AHNModel:
         from .decode import EagerDecoder, StaticDecoder
         static = self.device.type == "cuda" if graph is None else True
         if static and (self.config.decode_exclusion == "consistent" or state.spec.window is None):
-            return StaticDecoder(self, state, max_tokens, graph=graph)
+            return StaticDecoder.for_state(self, state, max_tokens, graph=graph)
         return EagerDecoder(self, state)
 
     # ---- first use ----------------------------------------------------------------------------------------

@@ -48,6 +48,56 @@ def test_static_decoder_equals_step(qwen2_dir, variant, mode, prompt):
     _states_equal(a, b, 1e-5)
 
 
+def test_a_decoder_is_reused_on_the_buffers_it_was_made_for(qwen2_dir):
+    """In a chat every answer decodes into a fresh copy of the document's state. When the copy gets the previous
+    answer's memory (the allocator's usual choice on CUDA, where the decoder is a captured graph that addresses
+    those buffers), the model's decoder for them is rebound to it and decodes exactly as a new one; other buffers
+    get a new decoder; a kept decoder does not keep its answer's state alive; a model keeps a few."""
+    import gc
+    import weakref
+
+    from ahn_runtime.state import SequenceState
+    model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4), "GatedDeltaNet")
+    ids = random_ids(80, vocab=512, seed=5)
+    base = model.new_state("ahn")
+    model.prefill(base, ids[:10])  # sinks + window = 20: not full yet
+    s1 = base.clone()
+    d1 = model.decoder(s1, 20, graph=False)
+    for t in ids[10:24]:  # the first answer fills the window and writes to the memory
+        d1(int(t))
+    # the second answer lands on the first one's buffers: a new state over the same tensors, the document again
+    n = base.n_slots
+    for buf, src in ((s1.k, base.k), (s1.v, base.v)):  # [L, Hkv, slots, D]
+        buf.zero_()
+        buf[:, :, :n] = src[:, :, :n]
+    for g in base.gates:  # [L, slots, H]
+        s1.gates[g].zero_()
+        s1.gates[g][:, :n] = base.gates[g][:, :n]
+    s1.memory.copy_(base.memory)
+    s2 = SequenceState(base.spec, base.device, base.pos, base.rot, s1.k, s1.v, s1.gates, s1.memory)
+    del s1
+    d2 = model.decoder(s2, 20, graph=False)
+    assert d2 is d1
+    ref = base.clone()
+    fresh = StaticDecoder(model, ref, 20, graph=False)
+    assert fresh is not d1
+    for t in ids[24:40]:  # from 10 slots in use (the first answer had used 20) past the window's end again
+        assert torch.equal(d2(int(t)), fresh(int(t)))
+    _states_equal(s2, ref, 0.0)
+    assert s2.compressed > 0
+    assert model.decoder(base.clone(), 20, graph=False) is not d1  # other buffers: a new decoder
+    alive = weakref.ref(s2)
+    del s2
+    gc.collect()
+    assert alive() is None and d1 in model.decoders.values()  # kept, without its state
+    with pytest.raises(RuntimeError, match="freed"):
+        d1(1)
+    states = [base.clone() for _ in range(6)]  # alive at once: six sets of buffers
+    for st in states:
+        model.decoder(st, 4, graph=False)
+    assert len(model.decoders) == 4
+
+
 def test_static_decoder_falls_back_past_its_reservation(qwen2_dir):
     model = with_random_memory(model_for(qwen2_dir, None, window=16, sinks=4), "GatedDeltaNet")
     ids = random_ids(30, vocab=512, seed=3)

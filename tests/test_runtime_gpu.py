@@ -292,6 +292,29 @@ def test_warm_up_runs_the_memory_kernels_and_changes_nothing(tmp_path):
     assert m.with_config(m.config).warm_up() is True
 
 
+def test_answers_reuse_the_captured_decode_step(tmp_path):
+    """Each answer decodes into a fresh copy of the document's state. The second answer's copy gets the first's
+    memory (freed by then), so the model's captured step is rebound to it instead of captured again
+    (`StaticDecoder.for_state`), and both answers decode as the eager step does."""
+    m = _hd128_model(tmp_path, window=64, sinks=4)
+    ids = random_ids(340, vocab=512, seed=13).cuda()
+    base = m.new_state("ahn")
+    m.prefill(base, ids[:300])
+    ref = base.clone()
+    m.prefill(ref, ids[300:310])
+    want = [m.step(ref, int(t))[-1] for t in ids[310:326]]  # the eager step, before the answers allocate
+    decs = []
+    for _ in range(2):
+        st = base.clone()
+        m.prefill(st, ids[300:310], max_new_tokens=16)
+        dec = m.decoder(st, 16)
+        got = [dec(int(t)).clone() for t in ids[310:326]]
+        assert max(rel(a, b) for a, b in zip(got, want)) < 3e-2
+        decs.append(dec)
+        del st, dec, got
+    assert decs[0].graph is not None and decs[1] is decs[0]
+
+
 def test_cudnn_runs_only_the_shapes_of_full_windowed_prefill_chunks(tmp_path, monkeypatch):
     """cuDNN builds a plan for every new attention shape (37-57 ms each on an H200,
     bench/probe_attention_plans.py): the full chunks of a windowed mode, whose shapes recur, use it; full
