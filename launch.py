@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight quantization (CUDA only; default: the preset's choice on CUDA, else none)")
     m.add_argument("--window", type=int, default=None, help="W: most recent tokens attended exactly")
     m.add_argument("--sinks", type=int, default=None, help="S: leading tokens always attended")
-    m.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size in tokens")
+    m.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size in tokens (default: the preset's, its GPU chunk on CUDA)")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
