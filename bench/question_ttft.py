@@ -31,13 +31,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from suite import CONFIGS, build, lengths  # noqa: E402
+from suite import CONFIGS, build, geometry, lengths  # noqa: E402
 
 from ahn_runtime import AHNModel, RuntimeConfig  # noqa: E402
-
-
-# geometry defaults: the 3B/7B presets for the random-weight configs, the smollm2 preset for real small models
-DEFAULTS = {"config": dict(window=32640, sinks=128, chunk=6144), "real": dict(window=1984, sinks=64, chunk=512)}
 
 
 def sync(dev):
@@ -45,16 +41,20 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def spec(model: str) -> str:
+    """A config name or 'BASE[+AHN_DIR]'; 'smollm2' is the SmolLM2 GGUF with models/smollm2-135m-ahn."""
+    if model != "smollm2":
+        return model
+    from cpu_smollm2 import PRESET, find_gguf
+    return find_gguf(None) + "+" + os.path.join(os.path.dirname(HERE), "models", PRESET)
+
+
 def load(a) -> AHNModel:
     cfg = RuntimeConfig(window=a.window, sinks=a.sinks, chunk_size=a.chunk)
     if a.model in CONFIGS:
         return build(a.model, a.quant, cfg, device=a.device)
     from ahn_runtime.loading import load_model
-    if a.model == "smollm2":
-        from cpu_smollm2 import PRESET, find_gguf
-        base, ahn = find_gguf(None), os.path.join(os.path.dirname(HERE), "models", PRESET)
-    else:
-        base, _, ahn = a.model.partition("+")
+    base, _, ahn = a.model.partition("+")
     quant = None if a.quant == "none" or a.device == "cpu" else a.quant
     return load_model(base, ahn or None, cfg, device=a.device, quantization=quant)
 
@@ -63,11 +63,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-3b", help="a config name (random weights), 'smollm2' (the GGUF + "
                                                           "models/smollm2-135m-ahn) or BASE[+AHN_DIR]")
-    ap.add_argument("--quant", default="nf4")
+    ap.add_argument("--quant", help="none | nf4 | int8 (default: as bench/suite.py's `geometry`)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--window", type=int, help="W (default: DEFAULTS by --model)")
-    ap.add_argument("--sinks", type=int, help="S (default: DEFAULTS by --model)")
-    ap.add_argument("--chunk", type=int, help="prefill chunk (default: DEFAULTS by --model)")
+    ap.add_argument("--window", type=int, help="W (default: the 3B presets' for configs, the model's preset's)")
+    ap.add_argument("--sinks", type=int, help="S (default: likewise)")
+    ap.add_argument("--chunk", type=int, help="prefill chunk (default: likewise, the preset's chunk for --device)")
     ap.add_argument("--doc", default="32k", help="document tokens")
     ap.add_argument("--questions", default="17,43,88,131,260", help="question lengths in tokens")
     ap.add_argument("--policies", default="default",
@@ -75,9 +75,8 @@ def main():
                          "every attention block where it is the faster backend, as before commit 8f32865)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/question_ttft.json when $OUT is set)")
     a = ap.parse_args()
-    for k, v in DEFAULTS["config" if a.model in CONFIGS else "real"].items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    a.model = spec(a.model)
+    a = geometry(a.model, a, a.device)
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]
     if set(policies) - {"default", "all-cudnn"}:
         ap.error(f"unknown policy in {a.policies!r}")

@@ -193,11 +193,13 @@ def load_real(spec: str, quant: str, cfg: RuntimeConfig) -> AHNModel:
 CONFIG_GEOMETRY = dict(window=32640, sinks=128, chunk=6144, quant="nf4")  # the 3B presets' (7B: see --sim-*)
 
 
-def geometry(name: str, a) -> argparse.Namespace:
+def geometry(name: str, a, device: str = "cuda") -> argparse.Namespace:
     """Window, sinks, chunk and quantization for one model: the flags where given, else for a random-weight config
     the 3B presets' (nf4), and for a real model 'BASE+AHN_DIR' those of the preset with that AHN directory
-    (models/presets.json: its GPU chunk, its quantization on CUDA), so that one command can run the 3B/7B configs
-    and the real small models, each with the geometry its AHN weights were trained for."""
+    (models/presets.json: on CUDA its GPU chunk and its quantization, on the CPU its chunk, unquantized), so that
+    one command can run the 3B/7B configs and the real small models, each with the geometry its AHN weights were
+    trained for."""
+    cuda = device.startswith("cuda")
     g = dict(CONFIG_GEOMETRY)
     if name not in CONFIGS:
         _, _, ahn = name.partition("+")
@@ -208,8 +210,9 @@ def geometry(name: str, a) -> argparse.Namespace:
                  and os.path.normpath(os.path.join(os.path.dirname(HERE), p["ahn"])) == want]
         if match:
             p = match[0]
-            g = dict(window=p["window"], sinks=p["sinks"], chunk=p.get("chunk_size_cuda") or p["chunk_size"],
-                     quant=p.get("quantization", "none"))
+            g = dict(window=p["window"], sinks=p["sinks"],
+                     chunk=(p.get("chunk_size_cuda") if cuda else None) or p["chunk_size"],
+                     quant=p.get("quantization", "none") if cuda else "none")
         elif None in (a.window, a.sinks):
             sys.exit(f"no preset has the AHN weights of {name!r}: give --window and --sinks")
     for k in ("window", "sinks", "chunk", "quant"):

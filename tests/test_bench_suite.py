@@ -19,6 +19,8 @@ def test_configs_take_the_3b_presets_geometry_and_real_models_their_presets():
         g = suite.geometry(spec, _flags())
         # the presets' training geometry, their GPU chunk (not the CPU's 512) and bf16
         assert (g.window, g.sinks, g.chunk, g.quant) == (1984, 64, 1984, "none"), spec
+    g = suite.geometry("x.gguf+models/smollm2-135m-ahn", _flags(), device="cpu")
+    assert (g.window, g.sinks, g.chunk, g.quant) == (1984, 64, 512, "none")  # the preset's CPU chunk
     g = suite.geometry("x.gguf+models/smollm2-135m-ahn", _flags(chunk=512, quant="nf4", window=1000))
     assert (g.window, g.sinks, g.chunk, g.quant) == (1000, 64, 512, "nf4")  # flags win
     assert suite.label("/a/b/SmolLM2-135M-Instruct.Q4_1.gguf+models/smollm2-135m-ahn/") == \
