@@ -61,7 +61,7 @@ class SequenceState:
 
     def __post_init__(self):
         if self.k is None:
-            self._alloc(0)
+            self._alloc(0, self.memory)
         if self.spec.has_memory and self.memory is None:
             s = self.spec
             self.memory = torch.zeros(s.n_layers, s.n_heads, s.head_dim, s.head_dim, dtype=torch.float32,
@@ -115,12 +115,34 @@ class SequenceState:
         return torch.cat([torch.arange(self.n_sink), win])
 
     # ---- storage ------------------------------------------------------------------------------------------
-    def _alloc(self, cap: int):
+    def _alloc(self, cap: int, memory: torch.Tensor | None = None):
+        """New zeroed buffers of `cap` slots, all in ONE allocation: k, v, the gates and (ahn) the memory, which
+        gets `memory`'s values (zeros when None). One block per state matters on CUDA: the captured decode
+        step and prefill graph address a state's buffers, and an answer's fresh state reuses a captured one
+        only when it lands on the same memory (`decode.StaticDecoder.for_state`). The caching allocator hands
+        a freed block back to the next request of its size, but among several freed blocks of one size (k and
+        v, the gates, a memory the size of a gate buffer) it picks by address, so separately allocated buffers
+        came back permuted (on an H200 every answer of bench/question_ttft.py captured again)."""
         s = self.spec
-        kw = dict(dtype=s.torch_dtype, device=self.device)
-        self.k = torch.zeros(s.n_layers, s.n_kv_heads, cap, s.head_dim, **kw)
-        self.v = torch.zeros(s.n_layers, s.n_kv_heads, cap, s.head_dim, **kw)
-        self.gates = {g: torch.zeros(s.n_layers, cap, s.n_heads, **kw) for g in s.gate_names}
+        dt = s.torch_dtype
+        shapes = [("k", dt, (s.n_layers, s.n_kv_heads, cap, s.head_dim)),
+                  ("v", dt, (s.n_layers, s.n_kv_heads, cap, s.head_dim))]
+        shapes += [("gate." + g, dt, (s.n_layers, cap, s.n_heads)) for g in s.gate_names]
+        if s.has_memory:
+            shapes.append(("memory", torch.float32, (s.n_layers, s.n_heads, s.head_dim, s.head_dim)))
+        offs, total = [], 0
+        for _, d, shape in shapes:
+            offs.append(total)
+            total += -(-math.prod(shape) * d.itemsize // 256) * 256
+        buf = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        views = {name: buf[o:o + math.prod(shape) * d.itemsize].view(d).view(shape)
+                 for (name, d, shape), o in zip(shapes, offs)}
+        self.k, self.v = views["k"], views["v"]
+        self.gates = {g: views["gate." + g] for g in s.gate_names}
+        if s.has_memory:
+            if memory is not None:
+                views["memory"].copy_(memory)
+            self.memory = views["memory"]
 
     def reserve(self, n_tokens: int, exact: bool = False) -> None:
         """Make room for the slots needed after n_tokens more tokens (bounded by S + W)."""
@@ -135,7 +157,7 @@ class SequenceState:
         """Reallocate the buffers to exactly `cap` slots (>= n_slots), keeping the valid ones."""
         n = self.n_slots
         old_k, old_v, old_g = self.k, self.v, self.gates
-        self._alloc(cap)
+        self._alloc(cap, self.memory)
         self.k[:, :, :n] = old_k[:, :, :n]
         self.v[:, :, :n] = old_v[:, :, :n]
         for g in self.gates:
@@ -144,9 +166,8 @@ class SequenceState:
     def release(self) -> None:
         """Drop every buffer and token (after a failed prefill): the state is empty afterwards."""
         self.pos, self.rot = 0, 0
+        self.memory = None
         self._alloc(0)
-        if self.memory is not None:
-            self.memory.zero_()
 
     def linearize(self) -> None:
         """Undo decode-time ring rotation so window slots are sorted by position."""
@@ -178,9 +199,15 @@ class SequenceState:
         return parts
 
     def clone(self) -> "SequenceState":
-        return SequenceState(self.spec, self.device, self.pos, self.rot, self.k.clone(), self.v.clone(),
-                             {g: t.clone() for g, t in self.gates.items()},
-                             None if self.memory is None else self.memory.clone())
+        """A copy (same capacity; its buffers in one allocation, see `_alloc`)."""
+        st = SequenceState(self.spec, self.device, self.pos, self.rot, k=self.k, v=self.v, gates=self.gates,
+                           memory=self.memory)
+        st._alloc(self.capacity, self.memory)
+        st.k.copy_(self.k)
+        st.v.copy_(self.v)
+        for g in st.gates:
+            st.gates[g].copy_(self.gates[g])
+        return st
 
     def save(self, path: str) -> None:
         n = self.n_slots

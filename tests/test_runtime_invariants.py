@@ -258,3 +258,39 @@ def test_only_full_chunks_of_windowed_modes_are_marked_recurring(monkeypatch):
     calls.clear()
     m.prefill(m.new_state("full"), ids[:80])  # full attention: every chunk sees more keys than the one before
     assert calls and not any(calls)
+
+
+def test_a_state_is_one_allocation_through_clone_resize_and_release():
+    """k, v, the gates and the memory of a state live in one block (`SequenceState._alloc`): on CUDA the
+    caching allocator then hands a freed state's memory back whole to the next state of its size, which is what
+    lets an answer reuse a captured decode step and a document a captured prefill chunk. Separate buffers came
+    back permuted among blocks of one size (k and v; the gates and, for the 3B, the memory). Values survive
+    every reallocation, and the views do not overlap."""
+    m = gdn(window=32, sinks=4)
+    ids = random_ids(60, seed=6)
+
+    def one_block(st):
+        ts = [st.k, st.v, *st.gates.values(), st.memory]
+        assert len({t.untyped_storage().data_ptr() for t in ts}) == 1
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in ts)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # disjoint
+        assert all(t.is_contiguous() for t in ts)
+
+    st = m.new_state("ahn")
+    one_block(st)
+    m.prefill(st, ids[:50])  # reserve, window full, memory written
+    one_block(st)
+    assert st.memory.abs().sum() > 0
+    c = st.clone()
+    one_block(c)
+    assert c.k.untyped_storage().data_ptr() != st.k.untyped_storage().data_ptr()
+    c.resize(c.capacity + 7)
+    one_block(c)
+    n = st.n_slots
+    assert torch.equal(c.k[:, :, :n], st.k[:, :, :n]) and torch.equal(c.memory, st.memory)
+    assert all(torch.equal(c.gates[g][:, :n], st.gates[g][:, :n]) for g in st.gates)
+    la, lb = m.prefill(st, ids[50:]), m.prefill(c, ids[50:])
+    assert torch.allclose(la, lb) and torch.equal(c.memory, st.memory)
+    c.release()
+    one_block(c)
+    assert c.pos == 0 and c.capacity == 0 and c.memory.abs().sum() == 0
