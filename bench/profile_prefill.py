@@ -78,6 +78,103 @@ def find_syncs(m, st, ids):
         print(f"{n:5d}x  {key}")
 
 
+_CAPTURES = []
+
+
+def _time_capture():
+    from ahn_runtime import prefill_graph
+    if getattr(prefill_graph.ChunkGraph._capture, "_timed", False):
+        _CAPTURES.clear()
+        return
+    fn = prefill_graph.ChunkGraph._capture
+
+    def timed(self, a):
+        t = time.perf_counter()
+        fn(self, a)
+        _CAPTURES.append((a, time.perf_counter() - t))
+    timed._timed = True
+    prefill_graph.ChunkGraph._capture = timed
+
+
+def print_timeline(t0, start, marks, sw):
+    """One line per chunk: tokens done, host ms since the last chunk returned, GPU ms of the chunk (event to
+    event; a chunk whose host part outlasts the GPU's work shows idle GPU time as a gap)."""
+    print(f"--- timeline (S + W = {sw}); captures (position, host s): "
+          f"{[(p, round(t, 3)) for p, t in _CAPTURES]}")
+    prev_h, prev_e, prev_done = t0, start, 0
+    for done, h, e in marks:
+        print(f"{prev_done:>9,} -> {done:>9,}: host {1e3 * (h - prev_h):7.1f} ms, GPU {prev_e.elapsed_time(e):7.1f} ms,"
+              f" GPU done at {start.elapsed_time(e):8.1f} ms, host at {1e3 * (h - t0):8.1f} ms")
+        prev_h, prev_e, prev_done = h, e, done
+
+
+def replay_profile(m, rows):
+    """Elapsed time of the kept steady-chunk graph's replays against the sum of its kernels' times."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    if not m.prefill_graphs:
+        print("--- no kept prefill graph to replay")
+        return
+    c = list(m.prefill_graphs.values())[-1]
+    times = []
+    for _ in range(4):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        c.graph.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        c.graph.replay()
+        torch.cuda.synchronize()
+    by_name, n = {}, 0
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            d = by_name.setdefault(e.name, [0.0, 0])
+            d[0] += e.time_range.elapsed_us()
+            d[1] += 1
+            n += 1
+    total = sum(v[0] for v in by_name.values())
+    print(f"--- steady-chunk graph replay: {', '.join(f'{t:.1f}' for t in times)} ms elapsed; profiled: "
+          f"{total / 1e3:.1f} ms of kernel time in {n} kernels")
+    for name, (us, k) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{us / 1e3:9.2f} ms {k:6d}x {us / max(total, 1):6.1%}  {name[:110]}")
+
+
+def host_profile(m, st, ids, rows):
+    """Where the host time of one eager forward of len(ids) tokens goes (after two unprofiled runs of the same
+    shape on copies of the state)."""
+    from torch.profiler import ProfilerActivity, profile
+    n = int(ids.numel())
+    for _ in range(2):
+        m.forward(st.clone(), ids, logits="last")
+    torch.cuda.synchronize()
+    c = st.clone()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    m.forward(c, ids, logits="last")
+    launch = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    c = st.clone()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        m.forward(c, ids, logits="last")
+        torch.cuda.synchronize()
+    print(f"--- host profile: eager forward of {n} tokens: {launch * 1e3:.1f} ms until the last launch returned, "
+          f"{wall * 1e3:.1f} ms wall (unprofiled)")
+    parts = {}
+    for e in prof.events():
+        if e.name.startswith("part:"):
+            d = parts.setdefault(e.name[5:], [0.0, 0])
+            d[0] += e.cpu_time_total
+            d[1] += 1
+    for name, (us, k) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
+        print(f"{us / 1e3:9.2f} ms {k:6d}x  {name}")
+    print("--- by operator (self CPU time)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="qwen2.5-3b")
@@ -99,6 +196,16 @@ def main():
     ap.add_argument("--find-syncs", action="store_true",
                     help="run one steady-state chunk with torch.cuda.set_sync_debug_mode('warn') and print where "
                          "each host-device synchronisation comes from (the Python frames)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print one line per chunk of the timed prefill: when the host returned from it and how "
+                         "long the GPU took for it (CUDA events), and the graph capture's host time")
+    ap.add_argument("--host", default="",
+                    help="comma list of token counts: after the timed prefill, profile the host (CPU) side of an eager "
+                         "forward of that many tokens appended to a copy of the state (a question; a partial chunk), "
+                         "by piece of the runtime (with --parts) and by operator")
+    ap.add_argument("--replay", action="store_true",
+                    help="after the timed prefill, time replays of its kept steady-chunk CUDA graph (events) and "
+                         "profile one: kernel time inside the graph against the replay's elapsed time")
     ap.add_argument("--warm-up", action="store_true", help="with --cold: time AHNModel.warm_up() first (as the app "
                                                            "does at load)")
     a = ap.parse_args()
@@ -127,10 +234,22 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         st = m.new_state(a.mode)
+        marks = []
+        if a.timeline:
+            _time_capture()
+
+            def progress(done, total):
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                marks.append((done, time.perf_counter(), e))
         t0 = time.perf_counter()
-        out = m.prefill(st, ids)
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = m.prefill(st, ids, progress=progress if a.timeline else None)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if a.timeline:
+            print_timeline(t0, start, marks, a.sinks + a.window)
         peak = torch.cuda.max_memory_allocated() / 2**30  # before the check below (its temporaries are large)
         finite = bool(torch.isfinite(out).all() and torch.isfinite(st.k[:, :, :st.n_slots]).all())
         print(f"prefill {a.mode} {L} tokens chunk {C}: {dt:.2f} s ({L / dt:,.0f} tok/s), peak "
@@ -138,6 +257,10 @@ def main():
               f"{m.last_prefill_graph}; logits and cache finite: {finite}", flush=True)
         if a.find_syncs:
             find_syncs(m, st, ids[:C])
+        if a.replay:
+            replay_profile(m, a.rows)
+        for n in (int(x) for x in a.host.split(",") if x.strip()):
+            host_profile(m, st, ids[:n], a.rows)
         if a.no_profile:
             del st
             continue
