@@ -94,8 +94,6 @@ class AHNModel:
         self.device = p.device
         self.dtype = self.embed.weight.dtype
         self.last_prefill_graph = None  # (steady chunks, of them replayed from the CUDA graph) of the last prefill
-        self.last_prefill_graph_reused = False  # whether it replayed a graph kept from an earlier prefill
-        self.prefill_graphs: dict = {}  # captured steady prefill chunks kept by the buffers they address
 
     def with_config(self, config: RuntimeConfig) -> "AHNModel":
         """The same loaded weights under other inference settings (window, sinks, decode exclusion, chunk)."""
@@ -398,7 +396,6 @@ class AHNModel:
                 if progress is not None:
                     progress(min(T, s + C), T)
             self.last_prefill_graph = None if graph is None else (graph.runs, graph.replays)
-            self.last_prefill_graph_reused = graph is not None and graph.reused
             if graph is not None:
                 graph.close()
         except torch.OutOfMemoryError as e:
@@ -407,8 +404,6 @@ class AHNModel:
             outs = graph = None
             state.release()
             if self.device.type == "cuda":
-                from .prefill_graph import drop
-                drop()
                 torch.cuda.empty_cache()
             raise AHNMemoryError(f"out of memory during the prefill at token {oom[0]:,} of {T:,} ({oom[1]}); "
                                  "the sequence's buffers were freed")

@@ -77,17 +77,15 @@ def chunk_workspace(model, mode: str, chunk: int, window_tokens: int) -> int:
 
 def available_bytes(device: torch.device) -> int:
     """Bytes new tensors can still take on the device: CUDA free memory plus what the allocator holds unused,
-    capped by a per-process memory fraction, less the pools of kept prefill graphs; on the CPU, MemAvailable."""
+    capped by a per-process memory fraction; on the CPU, MemAvailable."""
     if device.type == "cuda":
-        from .prefill_graph import held_bytes
         free, total = torch.cuda.mem_get_info(device)
         alloc, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-        held = held_bytes(device)  # kept prefill graphs' pools: reserved, not usable by other tensors
-        avail = free + reserved - alloc - held
+        avail = free + reserved - alloc
         get_frac = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         frac = get_frac(device) if get_frac is not None else 1.0
         if frac < 1.0:
-            avail = min(avail, int(frac * total) - alloc - held)
+            avail = min(avail, int(frac * total) - alloc)
         return max(0, int(avail))
     try:
         with open("/proc/meminfo") as f:
@@ -200,10 +198,6 @@ def check_memory(model, state: SequenceState, n_tokens: int, max_new_tokens: int
                  chunk_size: int | None = None) -> MemoryPlan:
     """Raise AHNMemoryError (with what fits instead) when feeding n_tokens into state will not fit."""
     plan = plan_memory(model, state.spec.mode, n_tokens, max_new_tokens, state, chunk_size)
-    if not plan.fits and model.device.type == "cuda":
-        from .prefill_graph import drop
-        if drop():  # kept prefill graphs held memory: without them it may fit
-            plan = plan_memory(model, state.spec.mode, n_tokens, max_new_tokens, state, chunk_size)
     if not plan.fits:
         raise AHNMemoryError(plan.message())
     return plan

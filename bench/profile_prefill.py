@@ -108,39 +108,6 @@ def print_timeline(t0, start, marks, sw):
         prev_h, prev_e, prev_done = h, e, done
 
 
-def replay_profile(m, rows):
-    """Elapsed time of the kept steady-chunk graph's replays against the sum of its kernels' times."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    if not m.prefill_graphs:
-        print("--- no kept prefill graph to replay")
-        return
-    c = list(m.prefill_graphs.values())[-1]
-    times = []
-    for _ in range(4):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        c.graph.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        c.graph.replay()
-        torch.cuda.synchronize()
-    by_name, n = {}, 0
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            d = by_name.setdefault(e.name, [0.0, 0])
-            d[0] += e.time_range.elapsed_us()
-            d[1] += 1
-            n += 1
-    total = sum(v[0] for v in by_name.values())
-    print(f"--- steady-chunk graph replay: {', '.join(f'{t:.1f}' for t in times)} ms elapsed; profiled: "
-          f"{total / 1e3:.1f} ms of kernel time in {n} kernels")
-    for name, (us, k) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:rows]:
-        print(f"{us / 1e3:9.2f} ms {k:6d}x {us / max(total, 1):6.1%}  {name[:110]}")
-
-
 def host_profile(m, st, ids, rows):
     """Where the host time of one eager forward of len(ids) tokens goes (after two unprofiled runs of the same
     shape on copies of the state)."""
@@ -203,9 +170,6 @@ def main():
                     help="comma list of token counts: after the timed prefill, profile the host (CPU) side of an eager "
                          "forward of that many tokens appended to a copy of the state (a question; a partial chunk), "
                          "by piece of the runtime (with --parts) and by operator")
-    ap.add_argument("--replay", action="store_true",
-                    help="after the timed prefill, time replays of its kept steady-chunk CUDA graph (events) and "
-                         "profile one: kernel time inside the graph against the replay's elapsed time")
     ap.add_argument("--warm-up", action="store_true", help="with --cold: time AHNModel.warm_up() first (as the app "
                                                            "does at load)")
     a = ap.parse_args()
@@ -257,8 +221,6 @@ def main():
               f"{m.last_prefill_graph}; logits and cache finite: {finite}", flush=True)
         if a.find_syncs:
             find_syncs(m, st, ids[:C])
-        if a.replay:
-            replay_profile(m, a.rows)
         for n in (int(x) for x in a.host.split(",") if x.strip()):
             host_profile(m, st, ids[:n], a.rows)
         if a.no_profile:

@@ -115,7 +115,7 @@ def ours(model: AHNModel, mode: str, L: int, steps: int) -> dict:
     d = (time.perf_counter() - t1) / steps
     r |= {"ttft_s": round(ttft, 3), "prefill_tok_per_s": round(L / ttft), "decode_ms_per_token": round(d * 1e3, 3),
           "decode_graph": bool(getattr(dec, "graph", None) is not None),
-          "prefill_graph": model.last_prefill_graph, "prefill_graph_kept": model.last_prefill_graph_reused,
+          "prefill_graph": model.last_prefill_graph,
           "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 3),
           "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3),
           "weights_gib": round(base / GiB, 3), "state_mib": round(state.nbytes()["total"] / 2**20, 1)}

@@ -315,34 +315,6 @@ def test_answers_reuse_the_captured_decode_step(tmp_path):
     assert decs[0].graph is not None and decs[1] is decs[0] and decs[2] is decs[0]
 
 
-def test_a_later_prefill_replays_the_kept_graph(tmp_path, monkeypatch):
-    """A prefill keeps its captured steady chunk on the model; the next document's state lands on the freed
-    buffers and replays it from its first steady chunk (no eager chunk, no capture), with the logits and state of
-    an eager prefill. A state on other buffers captures its own; the planner counts kept pools as used, and
-    `drop` frees them."""
-    from ahn_runtime import RuntimeConfig
-    from ahn_runtime import prefill_graph as PG
-    m = _hd128_model(tmp_path).with_config(RuntimeConfig(window=96, sinks=4, chunk_size=32))
-    ids = random_ids(600, vocab=512, seed=21).cuda()
-    monkeypatch.setenv("AHN_PREFILL_GRAPH", "0")
-    ref = m.new_state("ahn")
-    want = m.prefill(ref, ids)
-    monkeypatch.delenv("AHN_PREFILL_GRAPH")
-    m.prefill(m.new_state("ahn"), ids)  # captures (and keeps) the steady chunk on a state freed right after
-    assert m.prefill_graphs and PG.held_bytes(m.device) > 0
-    st = m.new_state("ahn")
-    got = m.prefill(st, ids)
-    assert m.last_prefill_graph_reused and m.last_prefill_graph == (14, 14)
-    assert rel(got, want) < 1e-3 and rel(st.memory, ref.memory) < 1e-3
-    assert torch.equal(st.k, ref.k) and torch.equal(st.v, ref.v)
-    other = m.new_state("ahn")  # st is alive: other buffers, its own capture
-    assert rel(m.prefill(other, ids), want) < 1e-3 and not m.last_prefill_graph_reused
-    assert PG.drop() and not m.prefill_graphs and PG.held_bytes(m.device) == 0
-    del st, other
-    m.prefill(m.new_state("ahn"), ids)
-    assert not m.last_prefill_graph_reused and m.last_prefill_graph == (14, 14)
-
-
 def test_cudnn_runs_only_the_shapes_of_full_windowed_prefill_chunks(tmp_path, monkeypatch):
     """cuDNN builds a plan for every new attention shape (37-57 ms each on an H200,
     bench/probe_attention_plans.py): the full chunks of a windowed mode, whose shapes recur, use it; full
