@@ -76,6 +76,10 @@ class StaticDecoder:
     def __init__(self, model, state: SequenceState, max_tokens: int, graph: bool | None = None):
         if model.config.decode_exclusion != "consistent" and state.spec.window is not None:
             raise ValueError("the static decoder implements the consistent decode semantics only")
+        with torch.inference_mode(False):  # ordinary tensors wherever made (see SequenceState._alloc)
+            self._init(model, state, max_tokens, graph)
+
+    def _init(self, model, state: SequenceState, max_tokens: int, graph: bool | None):
         self.model = model
         _fit(state, max_tokens)
         self._state = weakref.ref(state)  # not owned: a decoder kept for reuse must not keep its answer alive

@@ -134,14 +134,19 @@ class SequenceState:
         for _, d, shape in shapes:
             offs.append(total)
             total += -(-math.prod(shape) * d.itemsize // 256) * 256
-        buf = torch.zeros(total, dtype=torch.uint8, device=self.device)
-        views = {name: buf[o:o + math.prod(shape) * d.itemsize].view(d).view(shape)
-                 for (name, d, shape), o in zip(shapes, offs)}
+        # ordinary tensors even when made under inference_mode (the warm-up, a prefill's resize): the compiled
+        # pieces guard on the inputs' dispatch keys, and a state of the other kind cost the first question after
+        # warm_up() a recompile of the memory pieces and its answer one of the decode step's (1.2 s and 0.2 s on an
+        # H200, docs/bench/question_ttft_recompiles_2026-11-29.txt)
+        with torch.inference_mode(False):
+            buf = torch.zeros(total, dtype=torch.uint8, device=self.device)
+            views = {name: buf[o:o + math.prod(shape) * d.itemsize].view(d).view(shape)
+                     for (name, d, shape), o in zip(shapes, offs)}
+            if s.has_memory and memory is not None:
+                views["memory"].copy_(memory)
         self.k, self.v = views["k"], views["v"]
         self.gates = {g: views["gate." + g] for g in s.gate_names}
         if s.has_memory:
-            if memory is not None:
-                views["memory"].copy_(memory)
             self.memory = views["memory"]
 
     def reserve(self, n_tokens: int, exact: bool = False) -> None:

@@ -294,3 +294,27 @@ def test_a_state_is_one_allocation_through_clone_resize_and_release():
     c.release()
     one_block(c)
     assert c.pos == 0 and c.capacity == 0 and c.memory.abs().sum() == 0
+
+
+def test_state_and_decoder_tensors_are_ordinary_even_under_inference_mode():
+    """The compiled prefill pieces and decode step guard on their inputs' dispatch keys: an inference tensor and an
+    ordinary one are different inputs to them. `warm_up()` runs under inference_mode and the app does not, so
+    warm-up states used to be inference tensors and the first real question recompiled the memory pieces (1.2 s
+    on an H200). State buffers and a decoder's static tensors are ordinary wherever they are made, and a
+    prefill's resize under inference_mode keeps them so."""
+    from ahn_runtime.decode import StaticDecoder
+    m = gdn(window=32, sinks=4)
+    ids = random_ids(60, seed=7)
+    with torch.inference_mode():
+        st = m.new_state("ahn")
+        m.prefill(st, ids[:40], max_new_tokens=8)  # resizes inside inference_mode
+        c = st.clone()
+        dec = StaticDecoder(m, c, 8, graph=False)
+    outside = m.new_state("ahn")
+    for s_ in (st, c, outside):
+        ts = [s_.k, s_.v, *s_.gates.values(), s_.memory]
+        assert not any(t.is_inference() for t in ts)
+    assert not any(t.is_inference() for t in (dec.tok, dec.pos, dec.slot, dec.evict, dec.keep, dec.bias))
+    assert not any(t.is_inference() for t in dec._wparams.values() if isinstance(t, torch.Tensor))
+    tok = int(ids[40])
+    assert torch.allclose(dec(tok), m.step(st, tok)[-1], atol=1e-4)  # and it still decodes as the eager step
