@@ -117,9 +117,9 @@ class SequenceState:
     # ---- storage ------------------------------------------------------------------------------------------
     def _alloc(self, cap: int, memory: torch.Tensor | None = None):
         """New zeroed buffers of `cap` slots, all in ONE allocation: k, v, the gates and (ahn) the memory, which
-        gets `memory`'s values (zeros when None). One block per state matters on CUDA: the captured decode
-        step and prefill graph address a state's buffers, and an answer's fresh state reuses a captured one
-        only when it lands on the same memory (`decode.StaticDecoder.for_state`). The caching allocator hands
+        gets `memory`'s values (zeros when None). One block per state matters on CUDA: a captured decode
+        step addresses its state's buffers, and an answer's fresh state reuses one only when it lands on the
+        same memory (`decode.StaticDecoder.for_state`). The caching allocator hands
         a freed block back to the next request of its size, but among several freed blocks of one size (k and
         v, the gates, a memory the size of a gate buffer) it picks by address, so separately allocated buffers
         came back permuted (on an H200 every answer of bench/question_ttft.py captured again)."""
