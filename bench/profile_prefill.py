@@ -108,6 +108,17 @@ def print_timeline(t0, start, marks, sw):
         prev_h, prev_e, prev_done = h, e, done
 
 
+def by_part(prof, attr: str):
+    """(piece, [inclusive time in us by `attr`, calls]) of annotate()'s ranges in a profile, largest first."""
+    parts = {}
+    for e in prof.events():
+        if e.name.startswith("part:"):
+            d = parts.setdefault(e.name[5:], [0.0, 0])
+            d[0] += getattr(e, attr)
+            d[1] += 1
+    return sorted(parts.items(), key=lambda kv: -kv[1][0])
+
+
 def host_profile(m, st, ids, rows):
     """Where the host time of one eager forward of len(ids) tokens goes (after two unprofiled runs of the same
     shape on copies of the state)."""
@@ -130,13 +141,7 @@ def host_profile(m, st, ids, rows):
         torch.cuda.synchronize()
     print(f"--- host profile: eager forward of {n} tokens: {launch * 1e3:.1f} ms until the last launch returned, "
           f"{wall * 1e3:.1f} ms wall (unprofiled)")
-    parts = {}
-    for e in prof.events():
-        if e.name.startswith("part:"):
-            d = parts.setdefault(e.name[5:], [0.0, 0])
-            d[0] += e.cpu_time_total
-            d[1] += 1
-    for name, (us, k) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
+    for name, (us, k) in by_part(prof, "cpu_time_total"):
         print(f"{us / 1e3:9.2f} ms {k:6d}x  {name}")
     print("--- by operator (self CPU time)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
@@ -254,14 +259,8 @@ def main():
         for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:a.rows]:
             print(f"{us / 1e3:9.2f} ms {n:6d}x {us / total:6.1%}  {name[:110]}")
         if a.parts:
-            parts = {}
-            for e in prof.events():
-                if e.name.startswith("part:"):
-                    d = parts.setdefault(e.name[5:], [0.0, 0])
-                    d[0] += e.device_time_total
-                    d[1] += 1
             print("--- the same chunk by piece (inclusive kernel time; pieces nest, see annotate())")
-            for name, (us, n) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
+            for name, (us, n) in by_part(prof, "device_time_total"):
                 print(f"{us / 1e3:9.2f} ms {n:6d}x {us / total:6.1%}  {name}")
         del st
 
