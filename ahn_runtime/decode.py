@@ -84,7 +84,6 @@ class StaticDecoder:
         _fit(state, max_tokens)
         self._state = weakref.ref(state)  # not owned: a decoder kept for reuse must not keep its answer alive
         dev = model.device
-        self.key = _buffers_key(state)
         self.cap = state.capacity
         self.scratch = self.cap - 1
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
