@@ -356,6 +356,35 @@ class AHNModel:
         return T == C and math.isfinite(state.window)
 
     # ---- convenience --------------------------------------------------------------------------------------
+    def _capacity(self, state: SequenceState, n_tokens: int, max_new_tokens: int) -> int:
+        """Slots `state` needs for n_tokens more and an answer of max_new_tokens: on CUDA the static decoder's
+        buffer (`decode.decode_capacity`), elsewhere the slots then in use."""
+        need = int(min(state.spec.max_slots, state.n_slots + n_tokens))
+        if max_new_tokens and self.device.type == "cuda":
+            from .decode import decode_capacity
+            return decode_capacity(state.spec, need, max_new_tokens)
+        return int(min(state.spec.max_slots, need + max_new_tokens))
+
+    def fork(self, state: SequenceState, n_tokens: int = 0, max_new_tokens: int = 0,
+             check_memory: bool = True) -> SequenceState:
+        """A copy of `state` (a document's) to go on with n_tokens more (a question) and an answer of up to
+        max_new_tokens, allocated once at its final size: neither the prefill nor the decoder resizes it (a resize
+        holds the state twice for a moment). On CUDA every answer's copy then is one allocation of the same size,
+        freed when the answer ends, so the next answer's copy gets the same memory and reuses the captured decode
+        step (`decode.StaticDecoder.for_state`); with a copy that the prefill resized, the allocator settled on
+        the same addresses only from the fourth answer on (bench/question_ttft.py on an H200). Refuses up front
+        (AHNMemoryError) when the copy and the prefill will not fit."""
+        from .planning import AHNMemoryError, check_memory as check
+        if check_memory:
+            check(self, state, n_tokens, max_new_tokens, fresh=True)
+        try:
+            return state.clone(max(state.n_slots, self._capacity(state, n_tokens, max_new_tokens)))
+        except torch.OutOfMemoryError as e:
+            msg = str(e).splitlines()[0][:200]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise AHNMemoryError(f"out of memory copying the state ({msg})")
+
     def prefill(self, state: SequenceState, ids: torch.Tensor, chunk_size: int | None = None, logits: str = "last",
                 progress=None, max_new_tokens: int = 0, check_memory: bool = True):
         """Chunked prefill. logits: 'last' -> [1, V]; 'all' -> [T, V]; progress(done, total) after each chunk.
@@ -371,9 +400,8 @@ class AHNModel:
         oom = None
         try:
             if max_new_tokens and self.device.type == "cuda":  # the prompt and the static decoder's buffer
-                from .decode import decode_capacity
                 state.linearize()
-                cap = decode_capacity(state.spec, int(min(state.spec.max_slots, state.n_slots + T)), max_new_tokens)
+                cap = self._capacity(state, T, max_new_tokens)
                 if state.capacity < cap:
                     state.resize(cap)
             else:

@@ -138,8 +138,9 @@ class MemoryPlan:
 
 
 def plan_memory(model, mode: str, n_tokens: int, max_new_tokens: int = 0, state: SequenceState | None = None,
-                chunk_size: int | None = None) -> MemoryPlan:
-    """Predict whether feeding n_tokens (+ max_new_tokens of answer) into `state` (or a new state) fits."""
+                chunk_size: int | None = None, fresh: bool = False) -> MemoryPlan:
+    """Predict whether feeding n_tokens (+ max_new_tokens of answer) into `state` (or a new state) fits.
+    fresh: into a new copy of `state` (`AHNModel.fork`), whose buffers are all still to be allocated."""
     pos = state.pos if state is not None else 0
     total = pos + n_tokens + max_new_tokens
     slots = slots_for(model, mode, pos + n_tokens)
@@ -149,7 +150,7 @@ def plan_memory(model, mode: str, n_tokens: int, max_new_tokens: int = 0, state:
     else:
         slots = slots_for(model, mode, total)
     st_bytes = state_bytes(model, mode, slots)
-    have = state.nbytes()["total"] if state is not None else 0
+    have = state.nbytes()["total"] if state is not None and not fresh else 0
     C = min(chunk_size or model.config.chunk_size, max(1, n_tokens))
     W = model.config.window + model.config.sinks
     ws = chunk_workspace(model, mode, C, W if mode != "full" else 0)
@@ -195,9 +196,10 @@ def _suggest(model, mode, total, max_new, avail, C) -> list[str]:
 
 
 def check_memory(model, state: SequenceState, n_tokens: int, max_new_tokens: int = 0,
-                 chunk_size: int | None = None) -> MemoryPlan:
-    """Raise AHNMemoryError (with what fits instead) when feeding n_tokens into state will not fit."""
-    plan = plan_memory(model, state.spec.mode, n_tokens, max_new_tokens, state, chunk_size)
+                 chunk_size: int | None = None, fresh: bool = False) -> MemoryPlan:
+    """Raise AHNMemoryError (with what fits instead) when feeding n_tokens into state (fresh: into a new copy of
+    it) will not fit."""
+    plan = plan_memory(model, state.spec.mode, n_tokens, max_new_tokens, state, chunk_size, fresh)
     if not plan.fits:
         raise AHNMemoryError(plan.message())
     return plan

@@ -160,13 +160,17 @@ class SequenceState:
 
     def resize(self, cap: int) -> None:
         """Reallocate the buffers to exactly `cap` slots (>= n_slots), keeping the valid ones."""
-        n = self.n_slots
-        old_k, old_v, old_g = self.k, self.v, self.gates
+        old = SequenceState(self.spec, self.device, self.pos, self.rot, self.k, self.v, self.gates, self.memory)
         self._alloc(cap, self.memory)
-        self.k[:, :, :n] = old_k[:, :, :n]
-        self.v[:, :, :n] = old_v[:, :, :n]
+        self._copy_slots(old)
+
+    def _copy_slots(self, src: "SequenceState") -> None:
+        """The valid KV and gate slots of src (same geometry) into these buffers."""
+        n = src.n_slots
+        self.k[:, :, :n] = src.k[:, :, :n]
+        self.v[:, :, :n] = src.v[:, :, :n]
         for g in self.gates:
-            self.gates[g][:, :n] = old_g[g][:, :n]
+            self.gates[g][:, :n] = src.gates[g][:, :n]
 
     def release(self) -> None:
         """Drop every buffer and token (after a failed prefill): the state is empty afterwards."""
@@ -203,15 +207,16 @@ class SequenceState:
         parts["total"] = sum(parts.values())
         return parts
 
-    def clone(self) -> "SequenceState":
-        """A copy (same capacity; its buffers in one allocation, see `_alloc`)."""
+    def clone(self, capacity: int | None = None) -> "SequenceState":
+        """A copy with `capacity` slots (default: the same; at least n_slots), its buffers in one allocation (see
+        `_alloc`). Only the valid slots are copied."""
+        cap = self.capacity if capacity is None else int(capacity)
+        if cap < self.n_slots:
+            raise ValueError(f"a copy needs at least the {self.n_slots} slots in use (asked for {cap})")
         st = SequenceState(self.spec, self.device, self.pos, self.rot, k=self.k, v=self.v, gates=self.gates,
                            memory=self.memory)
-        st._alloc(self.capacity, self.memory)
-        st.k.copy_(self.k)
-        st.v.copy_(self.v)
-        for g in st.gates:
-            st.gates[g].copy_(self.gates[g])
+        st._alloc(cap, self.memory)
+        st._copy_slots(self)
         return st
 
     def save(self, path: str) -> None:

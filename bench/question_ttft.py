@@ -8,13 +8,14 @@ prefill chunks (`forward(recurring=)`), and --policies default,all-cudnn A/Bs th
 in one process (alternating which goes first from one question length to the next).
 
 For each question length and policy, twice (a new shape, then the same shape again), from a copy of the
-document's state: prints and writes JSON with the question prefill (TTFT; launch_ms is when `prefill` returned to
+document's state made as the app makes it (`model.fork`, inside the timed TTFT): prints and writes JSON with the question prefill (TTFT; launch_ms is when `prefill` returned to
 Python, before the GPU finished: near ttft_ms means the CPU bound it), the decoder's setup and first step
 (on CUDA the answer's CUDA graph is captured there) and the second token's step.
 
     python bench/question_ttft.py                                  # CUDA: random 3B nf4, 32k-token document
     python bench/question_ttft.py --policies default,all-cudnn     # A/B against cuDNN for every block
     python bench/question_ttft.py --device cpu --model smollm2 --doc 8k   # CPU: SmolLM2 + our AHN weights
+    python bench/question_ttft.py --cprofile 40    # where the first question's host time goes (cProfile)
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ def main():
     ap.add_argument("--policies", default="default",
                     help="comma list of 'default' and 'all-cudnn' (every prefill call marked recurring: cuDNN for "
                          "every attention block where it is the faster backend, as before commit 8f32865)")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="run the first question's fork and prefill under cProfile and print its N most expensive "
+                         "functions (cumulative time); that row is marked profiled")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/question_ttft.json when $OUT is set)")
     a = ap.parse_args()
     a.model = spec(a.model)
@@ -111,11 +115,19 @@ def main():
         for policy in (policies if i % 2 == 0 else policies[::-1]):
             force[0] = policy == "all-cudnn"
             for attempt in ("new shape", "same shape"):
-                st = state.clone()
+                prof = None
+                if a.cprofile and not rows:
+                    import cProfile
+                    prof = cProfile.Profile()
                 sync(dev)
                 t0 = time.perf_counter()
+                if prof is not None:
+                    prof.enable()
+                st = model.fork(state, n, 32)  # as the app answers: a copy sized for the question and answer
                 logits = model.prefill(st, q, max_new_tokens=32)
                 tl = time.perf_counter()
+                if prof is not None:
+                    prof.disable()
                 tok = int(logits[-1].argmax())
                 t1 = time.perf_counter()
                 dec = model.decoder(st, 32)
@@ -126,6 +138,10 @@ def main():
                 row = {"question_tokens": n, "policy": policy, "attempt": attempt, "ttft_ms": ms(t1 - t0),
                        "launch_ms": ms(tl - t0), "decoder_setup_and_first_step_ms": ms(t2 - t1),
                        "step_ms": ms(t3 - t2)}
+                if prof is not None:
+                    import pstats
+                    row["profiled"] = True
+                    pstats.Stats(prof).sort_stats("cumulative").print_stats(a.cprofile)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del st, dec

@@ -293,9 +293,9 @@ def test_warm_up_runs_the_memory_kernels_and_changes_nothing(tmp_path):
 
 
 def test_answers_reuse_the_captured_decode_step(tmp_path):
-    """Each answer decodes into a fresh copy of the document's state. The second answer's copy gets the first's
-    memory (freed by then), so the model's captured step is rebound to it instead of captured again
-    (`StaticDecoder.for_state`), and both answers decode as the eager step does."""
+    """Each answer decodes into a fresh copy of the document's state (`fork`, as the app answers). The second
+    answer's copy gets the first's memory (freed by then), so the model's captured step is rebound to it instead
+    of captured again (`StaticDecoder.for_state`), and the answers decode as the eager step does."""
     m = _hd128_model(tmp_path, window=64, sinks=4)
     ids = random_ids(340, vocab=512, seed=13).cuda()
     base = m.new_state("ahn")
@@ -304,9 +304,11 @@ def test_answers_reuse_the_captured_decode_step(tmp_path):
     m.prefill(ref, ids[300:310])
     want = [m.step(ref, int(t))[-1] for t in ids[310:326]]  # the eager step, before the answers allocate
     decs = []
-    for _ in range(3):  # as the app answers (chat.py): a clone of the document, the question, the answer
-        st = base.clone()
+    for _ in range(3):  # as the app answers (chat.py): a copy of the document, the question, the answer
+        st = m.fork(base, 10, 16)
+        ptr = st.k.data_ptr()
         m.prefill(st, ids[300:310], max_new_tokens=16)
+        assert st.k.data_ptr() == ptr  # the copy was made at its final size
         dec = m.decoder(st, 16)
         got = [dec(int(t)).clone() for t in ids[310:326]]
         assert max(rel(a, b) for a, b in zip(got, want)) < 3e-2

@@ -61,6 +61,40 @@ def test_full_attention_over_the_limit_is_refused_with_what_fits(model):
     assert st.pos == 3000 and st.compressed == 3000 - 36
 
 
+def test_fork_allocates_the_answer_once_and_counts_the_whole_copy(model):
+    """`fork` copies a document's state at the size its question and answer will need: the prefill and every
+    decode step then write into that one allocation (no resize), the answer equals the one decoded into a plain
+    copy, and the document's state is untouched. Its memory check counts the whole copy (the base stays), where
+    the prefill's check for an existing state counts only its growth."""
+    ids = random_ids(120, vocab=512, seed=21)
+    for mode in ("ahn", "full"):
+        base = model.new_state(mode)
+        model.prefill(base, ids[:60])  # ahn: window full, memory written
+        before = base.clone()
+        st = model.fork(base, 12, 20)
+        assert st.capacity == min(base.spec.max_slots, base.n_slots + 32)
+        ptr = st.k.data_ptr()
+        ref = base.clone()
+        la, lb = model.prefill(st, ids[60:72], max_new_tokens=20), model.prefill(ref, ids[60:72])
+        assert torch.allclose(la, lb, atol=1e-5)
+        for t in ids[72:92]:
+            assert torch.allclose(model.step(st, int(t)), model.step(ref, int(t)), atol=1e-5)
+        assert st.k.data_ptr() == ptr  # never reallocated
+        assert torch.equal(base.k, before.k) and base.pos == before.pos
+        if mode == "ahn":
+            assert torch.equal(base.memory, before.memory) and not torch.equal(st.memory, base.memory)
+    base = model.new_state("full")
+    model.prefill(base, ids[:100])
+    w = weight_bytes(model)
+    grow, copy = (plan_memory(model, "full", 12, 20, state=base, fresh=f).need for f in (False, True))
+    assert copy - grow == base.nbytes()["total"]
+    m = model.with_config(dataclasses.replace(model.config, memory_limit=int(
+        w["base_weights"] + w["ahn_weights"] + (grow + copy) // 2)))
+    with pytest.raises(AHNMemoryError, match="need about"):
+        m.fork(base, 12, 20)
+    assert base.pos == 100 and base.capacity == 100
+
+
 def test_invalid_memory_limit_is_refused(model):
     with pytest.raises(AHNError, match="memory limit"):
         model.with_config(dataclasses.replace(model.config, memory_limit=-5))

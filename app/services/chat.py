@@ -508,7 +508,7 @@ class ChatService:
             t_docs = time.perf_counter() - t_begin
             if eng.model.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(eng.model.device)
-            state = base.clone()
+            state = eng.fork(base, len(suffix), params.max_new_tokens)
             base = None
             self.monitor.sample(session, mode, state)
             run.state, run.mode, run.phase = state, mode, "reading the question"

@@ -351,6 +351,12 @@ class EngineService:
                 raise ServiceError("nothing to process")
             return self.model.prefill(state, ids, progress=cb, max_new_tokens=max_new_tokens)[-1]
 
+    def fork(self, base: SequenceState, n_tokens: int, max_new_tokens: int) -> SequenceState:
+        """A copy of base (the documents' state) sized for n_tokens of question and an answer of max_new_tokens
+        (`AHNModel.fork`). Raises OutOfMemory when it will not fit."""
+        with self._guard("copying the documents' state for this question"):
+            return self.model.fork(base, n_tokens, max_new_tokens)
+
     def decode(self, state: SequenceState, logits: torch.Tensor, params: SamplingParams,
                stop: threading.Event, seen: torch.Tensor | None = None) -> Iterator[int]:
         with self._guard("generating the answer"):
