@@ -60,6 +60,44 @@ def load(a) -> AHNModel:
     return load_model(base, ahn or None, cfg, device=a.device, quantization=quant)
 
 
+def first_only(first: dict, again: dict, n: int, depth: int = 12) -> None:
+    """The n functions whose cumulative time grew most from `again` to `first` (pstats' raw stats:
+    {(file, line, name): (calls, primitive calls, own time, cumulative, callers)}), each with the chain of its
+    costliest callers: what only the first run paid."""
+    def name(k):
+        return f"{os.path.basename(k[0])}:{k[1]}({k[2]})"
+
+    grew = sorted(first, key=lambda k: -(first[k][3] - again.get(k, (0, 0, 0, 0))[3]))[:n]
+    print(f"--- first run vs repeat: {n} functions whose cumulative time grew most")
+    for k in grew:
+        d = first[k][3] - again.get(k, (0, 0, 0, 0))[3]
+        chain, cur = [], k
+        for _ in range(depth):
+            callers = first[cur][4]
+            if not callers:
+                break
+            cur = max(callers, key=lambda c: callers[c][3])
+            chain.append(name(cur))
+        print(f"{d * 1e3:8.1f} ms  {name(k)}  <- " + " <- ".join(chain))
+
+
+def trace_triton_compiles() -> None:
+    """Print every Triton JIT compilation from now on: the kernel (its specialization) and our frames that
+    launched it."""
+    import traceback
+    try:
+        import triton
+        knobs = triton.knobs.runtime
+    except Exception:  # noqa: BLE001  no Triton, or one without hooks
+        return
+
+    def hook(*, repr, **_):
+        ours = [f"{os.path.basename(f.filename)}:{f.lineno}({f.name})" for f in traceback.extract_stack()
+                if "ahn_runtime" in f.filename or "/fla/" in f.filename]
+        print(f"--- Triton compiles {repr[:400]}\n    from " + " <- ".join(ours[::-1][:8]), flush=True)
+    knobs.jit_cache_hook = hook
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-3b", help="a config name (random weights), 'smollm2' (the GGUF + "
@@ -74,9 +112,15 @@ def main():
     ap.add_argument("--policies", default="default",
                     help="comma list of 'default' and 'all-cudnn' (every prefill call marked recurring: cuDNN for "
                          "every attention block where it is the faster backend, as before commit 8f32865)")
+    ap.add_argument("--copies", default="fork",
+                    help="comma list: how an answer's state is made: fork (the app's: sized for question and answer "
+                         "at once) or clone (a plain copy that the question's prefill resizes, before commit "
+                         "1fe4ffb); several are alternated like --policies")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
-                    help="run the first question's fork and prefill under cProfile and print its N most expensive "
-                         "functions (cumulative time); that row is marked profiled")
+                    help="run the first question's fork and prefill, and its repeat, under cProfile; print the N "
+                         "functions whose cumulative time grew most on the first run, with their callers (what "
+                         "the process's first question pays once), and every Triton compilation after the "
+                         "document; the profiled rows are marked")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/question_ttft.json when $OUT is set)")
     a = ap.parse_args()
     a.model = spec(a.model)
@@ -84,6 +128,10 @@ def main():
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]
     if set(policies) - {"default", "all-cudnn"}:
         ap.error(f"unknown policy in {a.policies!r}")
+    copies = [c.strip() for c in a.copies.split(",") if c.strip()]
+    if not copies or set(copies) - {"fork", "clone"}:
+        ap.error(f"unknown copy in {a.copies!r}")
+    combos = [(p, c) for p in policies for c in copies]
     force = [False]  # all-cudnn while True
     plain = AHNModel.forward
 
@@ -105,25 +153,28 @@ def main():
     sync(dev)
     doc_s = time.perf_counter() - t0
     print(f"document {doc.numel():,} tokens: {doc_s:.2f} s", flush=True)
-    rows = []
+    if a.cprofile:
+        trace_triton_compiles()
+    rows, profiles = [], []
 
     def ms(t):
         return round(t * 1e3, 2)
 
     for i, n in enumerate(lengths(a.questions)):
         q = torch.randint(0, model.vocab_size, (n,), generator=g)
-        for policy in (policies if i % 2 == 0 else policies[::-1]):
+        for policy, copy in (combos if i % 2 == 0 else combos[::-1]):
             force[0] = policy == "all-cudnn"
             for attempt in ("new shape", "same shape"):
                 prof = None
-                if a.cprofile and not rows:
+                if a.cprofile and len(rows) < 2:
                     import cProfile
                     prof = cProfile.Profile()
                 sync(dev)
                 t0 = time.perf_counter()
                 if prof is not None:
                     prof.enable()
-                st = model.fork(state, n, 32)  # as the app answers: a copy sized for the question and answer
+                # as the app answers: a copy sized for the question and answer
+                st = model.fork(state, n, 32) if copy == "fork" else state.clone()
                 logits = model.prefill(st, q, max_new_tokens=32)
                 tl = time.perf_counter()
                 if prof is not None:
@@ -135,13 +186,16 @@ def main():
                 t2 = time.perf_counter()
                 tok = int(dec(tok).argmax())
                 t3 = time.perf_counter()
-                row = {"question_tokens": n, "policy": policy, "attempt": attempt, "ttft_ms": ms(t1 - t0),
+                row = {"question_tokens": n, "policy": policy, "copy": copy, "attempt": attempt,
+                       "ttft_ms": ms(t1 - t0),
                        "launch_ms": ms(tl - t0), "decoder_setup_and_first_step_ms": ms(t2 - t1),
                        "step_ms": ms(t3 - t2)}
                 if prof is not None:
                     import pstats
                     row["profiled"] = True
-                    pstats.Stats(prof).sort_stats("cumulative").print_stats(a.cprofile)
+                    profiles.append(pstats.Stats(prof).stats)
+                    if len(profiles) == 2:
+                        first_only(*profiles, a.cprofile)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del st, dec
@@ -150,7 +204,7 @@ def main():
             if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
             "python": platform.python_version(), "model": getattr(model, "model_id", a.model), "quant": a.quant,
             "window": a.window, "sinks": a.sinks, "chunk": a.chunk, "document_tokens": doc.numel(),
-            "document_prefill_s": round(doc_s, 3), "policies": policies, "command": " ".join(["python"] + sys.argv)}
+            "document_prefill_s": round(doc_s, 3), "policies": policies, "copies": copies, "command": " ".join(["python"] + sys.argv)}
     out = a.out or (os.path.join(os.environ["OUT"], "question_ttft.json") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:

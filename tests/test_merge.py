@@ -54,6 +54,27 @@ def test_triton_merge_matches_reference(n, H, T, D):
     assert (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or M.triton is None, reason="needs a CUDA GPU and triton")
+def test_triton_merge_compiles_once_for_every_question_length():
+    """A question of T tokens merges parts of T and (the keys leaving the window, reversed) T - 1 rows. Triton
+    specialises integers divisible by 16 or equal to 1, so T = 17 (16 reversed rows) or 32 once compiled their
+    own variants: a fresh process paid 100-170 ms in its first question of such a length. None is made now."""
+    import triton
+    hook = triton.knobs.runtime.jit_cache_hook
+    compiled = []
+    try:
+        triton.knobs.runtime.jit_cache_hook = lambda *, repr, **kw: compiled.append(repr.split("[")[0]) and None
+        for T in (100, 17, 23, 32, 33, 48, 2):
+            parts = _parts(16, T, 128, "cuda", torch.bfloat16, seed=T)[:3]
+            out, ref = M.merge_parts(parts, T, torch.bfloat16), M.merge_ref(parts, torch.bfloat16)
+            assert (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+            if T == 100:
+                compiled.clear()  # the first may compile (or load from Triton's disk cache)
+    finally:
+        triton.knobs.runtime.jit_cache_hook = hook
+    assert compiled == []
+
+
 def test_a_failing_kernel_falls_back_to_the_reference(monkeypatch):
     """If the Triton merge cannot compile or launch (here: forced onto the CPU, where it cannot run), the prefill
     keeps going with the reference and stops trying the kernel."""

@@ -64,7 +64,11 @@ if triton is not None:
         o = tl.load(o_ptr + h * so_h + r[:, None] * so_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         return o, lse
 
-    @triton.jit
+    # The query count and the log-sum-exps' head strides (T, or T - 1 for a reversed part) change with every
+    # prefill length; specialised (Triton does for integers divisible by 16 or equal to 1) they compiled a new
+    # variant for some question lengths: 100-170 ms in the first question of a process on an H200. The outputs'
+    # strides stay specialised (multiples of D): their loads are vectorised on that.
+    @triton.jit(do_not_specialize=["T", "sl0h", "sl1h", "sl2h", "sl3h"])
     def _merge_kernel(out_ptr, s_out_t, s_out_h, T,
                       o0, l0, so0h, so0t, sl0h, sl0t,
                       o1, l1, so1h, so1t, sl1h, sl1t,
