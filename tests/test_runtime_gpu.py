@@ -317,11 +317,33 @@ def test_answers_reuse_the_captured_decode_step(tmp_path):
     assert decs[0].graph is not None and decs[1] is decs[0] and decs[2] is decs[0]
 
 
+def test_cudnn_runs_new_shapes_only_when_they_pay_for_its_plan(monkeypatch):
+    """A call that will not come again goes to cuDNN only when it is big enough to pay back the plan: a 3B
+    full-attention chunk over 48k keys does (on FlashAttention-2 the 128k prefill took 8.99 s instead of 5.76 s),
+    a question over the same keys does not; both agree with FlashAttention-2."""
+    monkeypatch.setenv("AHN_ATTENTION", "cudnn")
+    calls = []
+    real = A._cudnn
+    monkeypatch.setattr(A, "_cudnn", lambda q, k, v, scale, causal: calls.append(q.shape[1]) or
+                        real(q, k, v, scale, causal))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, v = (torch.randn(2, 49152, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    for T, want in ((6144, [6144]), (17, [])):
+        q = torch.randn(16, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        calls.clear()
+        o, lse = A._sdpa_lse(q, k, v, 0.088)
+        assert calls == want
+        monkeypatch.setenv("AHN_ATTENTION", "flash")
+        of, lf = A._sdpa_lse(q, k, v, 0.088)
+        monkeypatch.setenv("AHN_ATTENTION", "cudnn")
+        assert (o.float() - of.float()).abs().max() < 2e-2 and (lse - lf).abs().max() < 1e-2
+
+
 def test_cudnn_runs_only_the_shapes_of_full_windowed_prefill_chunks(tmp_path, monkeypatch):
     """cuDNN builds a plan for every new attention shape (37-57 ms each on an H200,
-    bench/probe_attention_plans.py): the full chunks of a windowed mode, whose shapes recur, use it; full
-    attention (a new number of keys with every chunk), a document's last partial chunk and a follow-up question
-    go through FlashAttention-2, and the logits agree with an all-FlashAttention prefill."""
+    bench/probe_attention_plans.py): the full chunks of a windowed mode, whose shapes recur, use it; short
+    full-attention chunks (a new number of keys with every chunk), a document's last partial chunk and a
+    follow-up question go through FlashAttention-2, and the logits agree with an all-FlashAttention prefill."""
     monkeypatch.setenv("AHN_ATTENTION", "cudnn")
     monkeypatch.setenv("AHN_PREFILL_GRAPH", "0")  # every chunk through Python, so every call is seen
     rows = []  # query rows of each cuDNN call

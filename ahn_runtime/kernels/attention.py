@@ -115,16 +115,26 @@ def _probe(device, dtype) -> str:
         return "flash"
 
 
+# T * N * H * D of an unmasked or causal call from which cuDNN pays for a new plan (37-57 ms on an H200) within
+# one prefill chunk, whose layers share the shape: it ran such calls at ~580 TFLOP/s against FlashAttention-2's
+# ~340 (T = 5000, N = 14,484, 16 heads of 128: 1.02 vs 1.76 ms, docs/bench/probe_attention_plans_2026-11-29.json),
+# so a call of 4 * T * N * H * D flops saves about 5e-15 s per unit here, times 24-36 layers: >= 0.06 s. The
+# long chunks of full attention are above it (a 3B chunk of 6,144 queries from ~44k keys on); questions and
+# small models' chunks are far below.
+_CUDNN_NEW_SHAPE_WORK = 1 << 39
+
+
 def _sdpa_lse(q, k, v, scale, mask=None, causal=False, recurring=False):
     """Fused attention with log-sum-exp. q [H, T, D], k/v [Hkv, N, D] (Hkv divides H: query head h uses KV head
     h // (H / Hkv)); mask [T, N] bool or None; causal: query t sees keys <= t (aligned top-left for any lengths;
     the fused kernels only ever get square causal blocks, since they disagree on how to align unequal ones:
     FlashAttention-2 aligns them bottom-right). Any strides.
     recurring: the caller will issue this shape again (the layers of a full prefill chunk of a windowed mode,
-    whose keys are the same in every document: `AHNModel._shapes_recur`). Only then may cuDNN run it: cuDNN
-    builds a plan for every new shape, 37-57 ms on an H200 (bench/probe_attention_plans.py), which the layers of
-    a question, of a document's last partial chunk or of full attention (more keys with every chunk) never pay
-    back; FlashAttention-2 has no plan."""
+    whose keys are the same in every document: `AHNModel._shapes_recur`). Only then, or for a call big enough
+    to pay for it (`_CUDNN_NEW_SHAPE_WORK`), may cuDNN run it: cuDNN builds a plan for every new shape, 37-57 ms
+    on an H200 (bench/probe_attention_plans.py), which the layers of a question, of a document's last partial
+    chunk or of a short full-attention chunk never pay back; FlashAttention-2 has no plan, but runs long calls
+    at ~60 % of cuDNN's speed (full attention over 128k tokens of the 3B: 8.99 s against 5.76 s)."""
     H, T, D = q.shape
     Hkv, N = k.shape[0], k.shape[1]
     if causal and T < N:  # the keys past the last query are seen by none
@@ -133,7 +143,8 @@ def _sdpa_lse(q, k, v, scale, mask=None, causal=False, recurring=False):
         o, lse = _sdpa_lse(q[:, :N], k, v, scale, causal=True, recurring=recurring)
         o2, lse2 = _sdpa_lse(q[:, N:], k, v, scale, recurring=recurring)
         return torch.cat([o, o2.to(o.dtype)], 1), torch.cat([lse, lse2], 1)
-    if (recurring and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None and D <= 256
+    if ((recurring or T * k.shape[1] * H * D >= _CUDNN_NEW_SHAPE_WORK) and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and mask is None and D <= 256
             and cuda_backend(q.device, q.dtype) == "cudnn"):
         return _cudnn(q, k, v, scale, causal)
     G = H // Hkv
