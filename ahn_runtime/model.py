@@ -378,7 +378,7 @@ class AHNModel:
         if check_memory:
             check(self, state, n_tokens, max_new_tokens, fresh=True)
         try:
-            return state.clone(max(state.n_slots, self._capacity(state, n_tokens, max_new_tokens)))
+            return state.clone(self._capacity(state, n_tokens, max_new_tokens))
         except torch.OutOfMemoryError as e:
             msg = str(e).splitlines()[0][:200]
         if self.device.type == "cuda":

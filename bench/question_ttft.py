@@ -8,22 +8,25 @@ prefill chunks (`forward(recurring=)`), and --policies default,all-cudnn A/Bs th
 in one process (alternating which goes first from one question length to the next).
 
 For each question length and policy, twice (a new shape, then the same shape again), from a copy of the
-document's state made as the app makes it (`model.fork`, inside the timed TTFT): prints and writes JSON with the question prefill (TTFT; launch_ms is when `prefill` returned to
-Python, before the GPU finished: near ttft_ms means the CPU bound it), the decoder's setup and first step
-(on CUDA the answer's CUDA graph is captured there) and the second token's step.
+document's state made as the app makes it (`model.fork`, inside the timed TTFT): prints and writes JSON with the
+question prefill (TTFT; launch_ms is when `prefill` returned to Python, before the GPU finished: near ttft_ms
+means the CPU bound it), the decoder's setup and first step (on CUDA the answer's CUDA graph is captured there,
+unless a decoder kept from an earlier answer addresses the same buffers) and the second token's step.
 
     python bench/question_ttft.py                                  # CUDA: random 3B nf4, 32k-token document
     python bench/question_ttft.py --policies default,all-cudnn     # A/B against cuDNN for every block
     python bench/question_ttft.py --device cpu --model smollm2 --doc 8k   # CPU: SmolLM2 + our AHN weights
-    python bench/question_ttft.py --cprofile 40    # where the first question's host time goes (cProfile)
+    python bench/question_ttft.py --cprofile 40    # what the first question pays once (cProfile, Triton compiles)
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import json
 import os
 import platform
+import pstats
 import sys
 import time
 
@@ -167,7 +170,6 @@ def main():
             for attempt in ("new shape", "same shape"):
                 prof = None
                 if a.cprofile and len(rows) < 2:
-                    import cProfile
                     prof = cProfile.Profile()
                 sync(dev)
                 t0 = time.perf_counter()
@@ -191,7 +193,6 @@ def main():
                        "launch_ms": ms(tl - t0), "decoder_setup_and_first_step_ms": ms(t2 - t1),
                        "step_ms": ms(t3 - t2)}
                 if prof is not None:
-                    import pstats
                     row["profiled"] = True
                     profiles.append(pstats.Stats(prof).stats)
                     if len(profiles) == 2:
@@ -204,7 +205,8 @@ def main():
             if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
             "python": platform.python_version(), "model": getattr(model, "model_id", a.model), "quant": a.quant,
             "window": a.window, "sinks": a.sinks, "chunk": a.chunk, "document_tokens": doc.numel(),
-            "document_prefill_s": round(doc_s, 3), "policies": policies, "copies": copies, "command": " ".join(["python"] + sys.argv)}
+            "document_prefill_s": round(doc_s, 3), "policies": policies, "copies": copies,
+            "command": " ".join(["python"] + sys.argv)}
     out = a.out or (os.path.join(os.environ["OUT"], "question_ttft.json") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:
